@@ -1,0 +1,326 @@
+"""The daemon: one FUSE session, its mounts, reload, signals and systemd.
+
+Several mounts, one process, one FUSE session: each ays is a top-level directory
+of the session (mounted at `fuse_root`), bind-mounted onto its mountpoint. Chosen
+over one worker process per mount because all mounts then share one LMDB
+environment, one set of store connections, one single-flight table and one memory
+budget (a worker per mount costs a Python interpreter, ~35 MB, each; measured:
+see the issue notes), and because a reload only adds or removes bind mounts: an
+untouched mount is never restarted, so its open files keep reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from . import notify, sysmount
+from .cache import LocalCache
+from .config import AysConfig, Config, ConfigError, load
+from .fetch import Fetcher, Source
+from .fs import MountPoint, Operations
+from .layout import ref_path
+from .ref import Ref, RefError, decode_ref
+from .stores import StoreError, open_store
+
+log = logging.getLogger("aysfsd")
+
+RETRY_SECONDS = 5.0
+
+
+@dataclass
+class DaemonStatus:
+    config_error: str = ""
+    reloads: int = 0
+    last_reload: float = 0.0
+
+
+def _sources(cfg: Config) -> tuple[list[Source], list[Source]]:
+    grid = [Source(open_store(c.mnt, timeout=c.timeout, proxy=c.proxy), "grid", writable=c.writable)
+            for c in cfg.caches]
+    stors = [Source(open_store(s.url, timeout=s.timeout, proxy=s.proxy, ssh_key=s.ssh_key,
+                               ssh_known_hosts=s.ssh_known_hosts,
+                               ssh_accept_unknown_host=s.ssh_accept_unknown_host), "stor")
+             for s in cfg.stors]
+    return grid, stors
+
+
+class Daemon:
+    def __init__(self, config_path: str, cfg: Config) -> None:
+        self.config_path = config_path
+        self.cfg = cfg
+        self.status = DaemonStatus()
+        self.cache = LocalCache(os.path.join(cfg.main.cache_dir, "lmdb"), cfg.main.cache_size)
+        grid, stors = _sources(cfg)
+        self.fetcher = Fetcher(self.cache, grid, stors, timeout=cfg.main.fetch_timeout)
+        self.ops = Operations(self.fetcher, self.cache)
+        self.fuse_root = cfg.main.fuse_root
+        self._stop = trio.Event()
+        self._reload_lock = trio.Lock()
+        self._checked: dict[str, float] = {}  # mount name -> monotonic time of the last ref check
+        self._retry: dict[str, trio.CancelScope] = {}
+        self.nursery: trio.Nursery | None = None
+
+    # -- refs ---------------------------------------------------------------------------------
+
+    async def resolve(self, mp: MountPoint) -> Ref:
+        """The current ref of a mount's ays from the first stor that has a valid one, else the
+        last good one kept in the local cache."""
+        ays_id = mp.cfg.id
+        problems = []
+        for src in self.fetcher.stors:
+            try:
+                with trio.fail_after(max(1.0, self.cfg.main.fetch_timeout)):
+                    raw = await src.store.fetch(ref_path(ays_id))
+                if raw is None:
+                    problems.append(f"{src.name}: no ref")
+                    continue
+                ref = decode_ref(raw, ays_id)
+            except (StoreError, RefError, trio.TooSlowError) as e:
+                problems.append(f"{src.name}: {e or 'timed out'}")
+                continue
+            last = self._last_good(ays_id)
+            if last is None or last.encode() != ref.encode():
+                await trio.to_thread.run_sync(self.cache.put_meta, f"ref:{ays_id}", ref.encode())
+            return ref
+        last = self._last_good(ays_id)
+        if last is not None:
+            if self.fetcher.stors:
+                log.warning("mount %s: no stor answered for %s (%s); using the last good version %s",
+                            mp.name, ays_id, "; ".join(problems), last.root[:12],
+                            extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id})
+            return last
+        raise LookupError("; ".join(problems) or "no stors configured")
+
+    def _last_good(self, ays_id: str) -> Ref | None:
+        raw = self.cache.get_meta(f"ref:{ays_id}")
+        try:
+            return decode_ref(raw, ays_id) if raw else None
+        except RefError:
+            return None
+
+    def expiration(self) -> float:
+        """Seconds a resolved ref is trusted: the smallest non-zero `cache.expiration` (0: forever,
+        checked again only on reload)."""
+        vals = [s.expiration for s in self.cfg.stors if s.expiration > 0]
+        return float(min(vals)) if vals else math.inf
+
+    async def refresh(self, mp: MountPoint) -> None:
+        try:
+            ref = await self.resolve(mp)
+        except LookupError as e:
+            log.warning("mount %s: cannot check for a new version: %s", mp.name, e,
+                        extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+            return
+        finally:
+            self._checked[mp.name] = time.monotonic()
+        if mp.ref is None or ref.root != mp.ref.root:
+            log.info("mount %s: version %s (revision %d)", mp.name, ref.root[:12], ref.revision,
+                     extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+            self.ops.set_ref(mp, ref)
+
+    # -- mounts -------------------------------------------------------------------------------
+
+    async def start_mount(self, cfg: AysConfig) -> MountPoint:
+        """Add a mount; when its ref cannot be had yet, report it and retry in the background."""
+        mp = self.ops.add_mount(cfg)
+        try:
+            await self._bring_up(mp)
+        except Exception as e:
+            mp.state, mp.error = "error", str(e)
+            log.error("mount %s (%s) at %s failed: %s; retrying every %ss", mp.name, cfg.id, cfg.mnt, e,
+                      RETRY_SECONDS, extra={"AYSFS_MOUNT": mp.name, "AYS_ID": cfg.id})
+            assert self.nursery is not None
+            self.nursery.start_soon(self._retry_loop, mp)
+        return mp
+
+    async def _bring_up(self, mp: MountPoint) -> None:
+        try:
+            ref = await self.resolve(mp)
+        except LookupError as e:
+            raise RuntimeError(f"no version of {mp.cfg.id!r} found: {e}") from None
+        self._checked[mp.name] = time.monotonic()
+        self.ops.set_ref(mp, ref)
+        if sysmount.is_mounted(mp.cfg.mnt):
+            sysmount.cleanup_stale([mp.cfg.mnt])
+        await sysmount.bind(os.path.join(self.fuse_root, mp.name), mp.cfg.mnt, read_only=not mp.cfg.debug)
+        mp.state, mp.error = "up", ""
+        log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
+                 extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+
+    async def _retry_loop(self, mp: MountPoint) -> None:
+        with trio.CancelScope() as scope:
+            self._retry[mp.name] = scope
+            while mp.state == "error" and self.ops.mounts.get(mp.name) is mp:
+                await trio.sleep(RETRY_SECONDS)
+                try:
+                    await self._bring_up(mp)
+                except Exception as e:
+                    mp.error = str(e)
+        self._retry.pop(mp.name, None)
+
+    async def stop_mount(self, name: str, shutdown: bool = False) -> None:
+        mp = self.ops.mounts.get(name)
+        if mp is None:
+            return
+        scope = self._retry.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        was_up = mp.state == "up"
+        mp.state = "stopping"
+        if was_up:
+            try:
+                await sysmount.unbind(mp.cfg.mnt)
+            except sysmount.MountError as e:
+                log.error("mount %s: unmounting %s failed: %s", name, mp.cfg.mnt, e)
+        self.ops.remove_mount(name, notify_kernel=not shutdown)
+        self._checked.pop(name, None)
+        log.info("mount %s: removed from %s", name, mp.cfg.mnt, extra={"AYSFS_MOUNT": name})
+
+    # -- config -------------------------------------------------------------------------------
+
+    async def apply(self, new: Config) -> None:
+        """Make the running mounts match `new`, leaving unchanged mounts alone."""
+        old_by_name = {a.name: a for a in self.cfg.ays} if new is not self.cfg else {}
+        if (new.stors, new.caches) != (self.cfg.stors, self.cfg.caches):
+            grid, stors = _sources(new)
+            old = self.fetcher.grid + self.fetcher.stors
+            self.fetcher.grid, self.fetcher.stors = grid, stors
+            for s in old:
+                await s.store.aclose()
+                await trio.to_thread.run_sync(s.store.close)
+        self.fetcher.timeout = new.main.fetch_timeout
+        self.cfg = new
+        wanted = {a.name: a for a in new.ays}
+        for name in list(self.ops.mounts):
+            a = wanted.get(name)
+            mp = self.ops.mounts[name]
+            if a is None or (a.id, a.mnt, a.debug) != (mp.cfg.id, mp.cfg.mnt, mp.cfg.debug):
+                await self.stop_mount(name)
+            elif a != mp.cfg:
+                mp.cfg = a  # cache flags only: no remount needed
+        for name, a in wanted.items():
+            if name not in self.ops.mounts:
+                await self.start_mount(a)
+            elif name in old_by_name:
+                await self.refresh(self.ops.mounts[name])
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the config file; an invalid one keeps the running config."""
+        async with self._reload_lock:
+            notify.reloading()
+            try:
+                try:
+                    new = await trio.to_thread.run_sync(load, self.config_path)
+                except ConfigError as e:
+                    self.status.config_error = str(e)
+                    log.error("reload refused, keeping the running config:\n%s", e)
+                    return False, str(e)
+                self.status.config_error = ""
+                await self.apply(new)
+                self.status.reloads += 1
+                self.status.last_reload = time.time()
+                log.info("reloaded %s", self.config_path)
+                return True, ""
+            finally:
+                notify.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def status_line(self) -> str:
+        mounts = list(self.ops.mounts.values())
+        up = sum(m.state == "up" for m in mounts)
+        s = f"{up}/{len(mounts)} mounts up"
+        bad = [f"{m.name}: {m.error}" for m in mounts if m.state == "error"]
+        if bad:
+            s += "; errors: " + "; ".join(bad)
+        if self.status.config_error:
+            s += "; config error (running the previous config)"
+        return s[:400]
+
+    # -- main loop ----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    log.info("SIGHUP: reloading")
+                    await self.reload()
+                else:
+                    log.info("%s: stopping", signal.Signals(sig).name)
+                    self._stop.set()
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            exp = self.expiration()
+            if math.isinf(exp):
+                continue
+            now = time.monotonic()
+            for mp in list(self.ops.mounts.values()):
+                if mp.state == "up" and now - self._checked.get(mp.name, now) >= exp:
+                    await self.refresh(mp)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            notify.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await trio.sleep(5.0)
+            await trio.to_thread.run_sync(self.cache.flush)
+
+    async def _fuse_main(self) -> None:
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+
+    async def run(self, extra_tasks: list | None = None) -> None:
+        paths = [self.fuse_root] + [a.mnt for a in self.cfg.ays]
+        sysmount.cleanup_stale(paths)
+        os.makedirs(self.fuse_root, mode=0o755, exist_ok=True)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=" + sysmount.FSNAME, "subtype=aysfs", "allow_other", "default_permissions"}
+        pyfuse3.init(self.ops, self.fuse_root, options)
+        log.info("FUSE session at %s", self.fuse_root)
+        try:
+            async with trio.open_nursery() as n:
+                self.nursery = n
+                self.fetcher.nursery = n
+                n.start_soon(self._fuse_main)
+                n.start_soon(self._signals)
+                for a in self.cfg.ays:
+                    await self.start_mount(a)
+                for task in extra_tasks or []:
+                    n.start_soon(task)
+                n.start_soon(self._expiry_loop)
+                n.start_soon(self._flush_loop)
+                wd = notify.watchdog_interval()
+                if wd:
+                    n.start_soon(self._watchdog, wd)
+                notify.notify("READY=1", f"STATUS={self.status_line()}")
+                log.info("ready: %s", self.status_line())
+                await self._stop.wait()
+                notify.notify("STOPPING=1")
+                for name in list(self.ops.mounts):
+                    await self.stop_mount(name, shutdown=True)
+                n.cancel_scope.cancel()
+        finally:
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception as e:
+                log.error("closing the FUSE session: %s", e)
+            sysmount.cleanup_stale([self.fuse_root])
+            for s in self.fetcher.grid + self.fetcher.stors:
+                with trio.CancelScope(shield=True):
+                    await s.store.aclose()
+                s.store.close()
+            self.cache.close()
+            log.info("stopped")

@@ -1,0 +1,56 @@
+"""`aysfsd`: the daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import trio
+
+from . import logsetup
+from .config import ConfigError, load
+
+DEFAULT_CONFIG = "/etc/aysfs/aysfs.toml"
+log = logging.getLogger("aysfsd")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="aysfsd", description="aysfs daemon: mounts ays trees read-only (FUSE).")
+    p.add_argument("-c", "--config", default=os.environ.get("AYSFS_CONFIG", DEFAULT_CONFIG),
+                   help=f"config file (default: $AYSFS_CONFIG or {DEFAULT_CONFIG})")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="log level (default: [main] log_level, else info)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"aysfsd: invalid config:\n{e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: OK ({len(cfg.ays)} mounts, {len(cfg.stors)} stors, {len(cfg.caches)} grid caches)")
+        return 0
+    logsetup.setup(args.log_level or cfg.main.log_level)
+    if os.geteuid() != 0:
+        log.warning("not running as root: mounting needs CAP_SYS_ADMIN")
+    from .daemon import Daemon
+
+    try:
+        daemon = Daemon(args.config, cfg)
+        trio.run(daemon.run)
+    except KeyboardInterrupt:
+        return 0
+    except Exception as e:
+        log.exception("aysfsd failed: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Publish a directory as an ays tree: blobs, directory objects and the ref, into a stor."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .layout import blob_path, ref_path
+from .ref import Ref, decode_ref, new_ref
+from .stores import Store
+from .tree import CHUNK_SIZE, KIND_DIR, KIND_FILE, KIND_LINK, Entry, check_name, encode_dir
+
+
+@dataclass
+class PublishResult:
+    root: str
+    ref: Ref
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    uploaded_blobs: int = 0
+    uploaded_bytes: int = 0
+    skipped_blobs: int = 0
+    ref_changed: bool = False
+    skipped_special: list[str] = field(default_factory=list)
+
+
+class Publisher:
+    """Walks a directory bottom-up; uploads only the blobs the stor does not have."""
+
+    def __init__(self, store: Store, progress: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.progress = progress or (lambda _p: None)
+        self._seen: set[str] = set()
+        self.result = PublishResult(root="", ref=Ref("", "", 0, 0.0))
+
+    def _upload(self, h: str, data: bytes) -> None:
+        if h in self._seen:
+            return
+        self._seen.add(h)
+        rel = blob_path(h)
+        if self.store.exists(rel):
+            self.result.skipped_blobs += 1
+            return
+        self.store.write(rel, data)
+        self.result.uploaded_blobs += 1
+        self.result.uploaded_bytes += len(data)
+
+    def _file(self, path: str, st: os.stat_result, name: str) -> Entry:
+        pieces: list[tuple[str, int]] = []
+        size = 0
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(CHUNK_SIZE)
+                if not data and pieces:
+                    break
+                h = hashlib.sha256(data).hexdigest()
+                self._upload(h, data)
+                pieces.append((h, len(data)))
+                size += len(data)
+                if len(data) < CHUNK_SIZE:
+                    break
+        self.result.files += 1
+        self.result.bytes += size
+        mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+        if len(pieces) == 1:
+            return Entry(name, KIND_FILE, mode, size, mtime, hash=pieces[0][0])
+        return Entry(name, KIND_FILE, mode, size, mtime, chunks=tuple(pieces))
+
+    def _dir(self, path: str) -> str:
+        entries: list[Entry] = []
+        with os.scandir(path) as it:
+            names = sorted(it, key=lambda d: d.name)
+        for d in names:
+            name = check_name(d.name)
+            st = d.stat(follow_symlinks=False)
+            mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(d.path)
+                entries.append(Entry(name, KIND_LINK, mode, len(os.fsencode(target)), mtime, target=target))
+                self.result.symlinks += 1
+            elif stat.S_ISDIR(st.st_mode):
+                entries.append(Entry(name, KIND_DIR, mode, 0, mtime, hash=self._dir(d.path)))
+            elif stat.S_ISREG(st.st_mode):
+                entries.append(self._file(d.path, st, name))
+            else:
+                self.result.skipped_special.append(d.path)
+        self.result.dirs += 1
+        self.progress(path)
+        data = encode_dir(entries)
+        h = hashlib.sha256(data).hexdigest()
+        self._upload(h, data)
+        return h
+
+    def publish(self, src: str, ays_id: str) -> PublishResult:
+        if not os.path.isdir(src):
+            raise NotADirectoryError(f"{src}: not a directory")
+        root = self._dir(src)
+        self.result.root = root
+        rel = ref_path(ays_id)
+        raw = self.store.read(rel)
+        old = decode_ref(raw, ays_id) if raw is not None else None
+        if old is not None and old.root == root:
+            self.result.ref = old
+        else:
+            ref = new_ref(ays_id, root, old)
+            self.store.write(rel, ref.encode())
+            self.result.ref = ref
+            self.result.ref_changed = True
+        return self.result
+
+
+def publish(src: str, ays_id: str, store: Store) -> PublishResult:
+    return Publisher(store).publish(src, ays_id)

@@ -1,0 +1,209 @@
+"""Stors and grid caches: one small interface over a directory, HTTP(S) and SSH.
+
+Every store speaks relative paths from `aysfsd.layout`. Sync methods serve `aysctl`
+(publish, tools); async methods serve the daemon on trio. `None` means "not there"
+(404, ENOENT); a transport failure raises StoreError so the caller can try the next tier.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, urlsplit
+
+import httpx
+import trio
+
+
+class StoreError(Exception):
+    """A store could not be reached or answered with an error (not "not found")."""
+
+
+class Store(Protocol):
+    url: str
+
+    def read(self, rel: str) -> bytes | None: ...
+    def write(self, rel: str, data: bytes) -> None: ...
+    def exists(self, rel: str) -> bool: ...
+    def close(self) -> None: ...
+    async def fetch(self, rel: str) -> bytes | None: ...
+    async def store(self, rel: str, data: bytes) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+def _check_rel(rel: str) -> str:
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in rel:
+        raise ValueError(f"unsafe store path {rel!r}")
+    return rel
+
+
+class DirStore:
+    """A stor or grid cache in a local (or NFS) directory; writes are temp file + rename."""
+
+    _limiter: trio.CapacityLimiter | None = None
+
+    def __init__(self, root: str, url: str | None = None) -> None:
+        self.root = Path(root)
+        self.url = url or root
+
+    def _abs(self, rel: str) -> Path:
+        return self.root / _check_rel(rel)
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            with open(self._abs(rel), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.EISDIR):
+                return None
+            raise StoreError(f"{self.url}: reading {rel}: {e.strerror}") from e
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self._abs(rel)
+        tmp = path.with_name(f".{path.name}.tmp.{secrets.token_hex(6)}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise StoreError(f"{self.url}: writing {rel}: {e.strerror}") from e
+
+    def exists(self, rel: str) -> bool:
+        return self._abs(rel).is_file()
+
+    def close(self) -> None:
+        pass
+
+    @classmethod
+    def _threads(cls) -> trio.CapacityLimiter:
+        if cls._limiter is None:
+            cls._limiter = trio.CapacityLimiter(16)
+        return cls._limiter
+
+    async def fetch(self, rel: str) -> bytes | None:
+        return await trio.to_thread.run_sync(self.read, rel, limiter=self._threads(), abandon_on_cancel=True)
+
+    async def store(self, rel: str, data: bytes) -> None:
+        await trio.to_thread.run_sync(self.write, rel, data, limiter=self._threads(), abandon_on_cancel=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _client_kwargs(timeout: float, proxy: str | None) -> dict[str, object]:
+    kw: dict[str, object] = {"timeout": httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+                             "follow_redirects": True, "trust_env": False}
+    if proxy:
+        # httpx >= 0.26 takes `proxy`; Debian 12's 0.23 only `proxies`.
+        kw["proxy" if "proxy" in httpx.Client.__init__.__code__.co_varnames else "proxies"] = proxy
+    return kw
+
+
+class HttpStore:
+    """A stor or grid cache on an HTTP(S) server: GET to read, PUT to write (WebDAV PUT)."""
+
+    def __init__(self, url: str, timeout: float = 10.0, proxy: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._kw = _client_kwargs(timeout, proxy)
+        self._sync: httpx.Client | None = None
+        self._async: httpx.AsyncClient | None = None
+
+    def _u(self, rel: str) -> str:
+        # file names hold '%' (escaped ays ids): encode it, so the server maps the URL to that name
+        return f"{self.url}/{quote(_check_rel(rel), safe='/')}"
+
+    def _client(self) -> httpx.Client:
+        if self._sync is None:
+            self._sync = httpx.Client(**self._kw)  # type: ignore[arg-type]
+        return self._sync
+
+    def _aclient(self) -> httpx.AsyncClient:
+        if self._async is None:
+            limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+            self._async = httpx.AsyncClient(limits=limits, **self._kw)  # type: ignore[arg-type]
+        return self._async
+
+    def _answer(self, rel: str, r: httpx.Response) -> bytes | None:
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise StoreError(f"{self.url}: GET {rel}: HTTP {r.status_code}")
+        return r.content
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            return self._answer(rel, self._client().get(self._u(rel)))
+        except httpx.HTTPError as e:
+            raise StoreError(f"{self.url}: GET {rel}: {e!r}") from e
+
+    def write(self, rel: str, data: bytes) -> None:
+        try:
+            r = self._client().put(self._u(rel), content=data)
+        except httpx.HTTPError as e:
+            raise StoreError(f"{self.url}: PUT {rel}: {e!r}") from e
+        if r.status_code not in (200, 201, 204):
+            raise StoreError(f"{self.url}: PUT {rel}: HTTP {r.status_code} (does the server accept PUT?)")
+
+    def exists(self, rel: str) -> bool:
+        try:
+            r = self._client().head(self._u(rel))
+        except httpx.HTTPError as e:
+            raise StoreError(f"{self.url}: HEAD {rel}: {e!r}") from e
+        if r.status_code not in (200, 404):
+            raise StoreError(f"{self.url}: HEAD {rel}: HTTP {r.status_code}")
+        return r.status_code == 200
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    async def fetch(self, rel: str) -> bytes | None:
+        try:
+            return self._answer(rel, await self._aclient().get(self._u(rel)))
+        except httpx.HTTPError as e:
+            raise StoreError(f"{self.url}: GET {rel}: {e!r}") from e
+
+    async def store(self, rel: str, data: bytes) -> None:
+        try:
+            r = await self._aclient().put(self._u(rel), content=data)
+        except httpx.HTTPError as e:
+            raise StoreError(f"{self.url}: PUT {rel}: {e!r}") from e
+        if r.status_code not in (200, 201, 204):
+            raise StoreError(f"{self.url}: PUT {rel}: HTTP {r.status_code}")
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.aclose()
+            self._async = None
+
+
+def open_store(url: str, *, timeout: float = 10.0, proxy: str | None = None,
+               ssh_key: str | None = None, ssh_known_hosts: str | None = None,
+               ssh_accept_unknown_host: bool = False) -> Store:
+    """A store for a URL: http(s)://, ssh://, file:// or a plain directory path."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        return HttpStore(url, timeout=timeout, proxy=proxy)
+    if parts.scheme == "file":
+        return DirStore(parts.path, url)
+    if parts.scheme == "ssh":
+        from .store_ssh import SshStore
+
+        return SshStore(url, timeout=timeout, key=ssh_key, known_hosts=ssh_known_hosts,
+                        accept_unknown_host=ssh_accept_unknown_host)
+    if parts.scheme == "":
+        return DirStore(url)
+    raise ValueError(f"unsupported store URL {url!r}: use http(s)://, ssh://, file:// or a directory path")

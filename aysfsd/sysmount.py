@@ -1,0 +1,85 @@
+"""Kernel mounts around the FUSE session: bind mounts onto mountpoints, unmounts, stale cleanup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+import trio
+
+log = logging.getLogger("aysfsd.mount")
+
+FSNAME = "aysfs"
+
+
+def _unescape(field: str) -> str:
+    """/proc/self/mountinfo escapes space, tab, newline and backslash as octal."""
+    return field.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def our_mounts() -> list[str]:
+    """Mount points of this filesystem (the session and its bind mounts), deepest first."""
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fstype, source = (right.split() + ["", ""])[:2]
+                if fstype in ("fuse.aysfs", "fuse") and source == FSNAME:
+                    found.append(_unescape(left.split()[4]))
+    except OSError:
+        pass
+    return sorted(set(found), key=len, reverse=True)
+
+
+def is_mounted(path: str) -> bool:
+    # no realpath(): a stat of our own mount from the daemon's thread would wait on itself
+    return os.path.normpath(path) in {os.path.normpath(p) for p in our_mounts()}
+
+
+def cleanup_stale(paths: list[str]) -> list[str]:
+    """Lazily unmount leftovers of a crashed daemon at `paths` (or below them)."""
+    cleaned = []
+    for mp in our_mounts():
+        if any(mp == p or mp.startswith(p.rstrip("/") + "/") for p in paths):
+            r = subprocess.run(["umount", "-l", mp], capture_output=True, text=True)
+            if r.returncode == 0:
+                cleaned.append(mp)
+                log.warning("removed stale mount %s left by an earlier run", mp)
+            else:
+                log.error("could not remove stale mount %s: %s", mp, r.stderr.strip())
+    return cleaned
+
+
+class MountError(Exception):
+    pass
+
+
+async def _run(*cmd: str) -> None:
+    r = await trio.run_process(list(cmd), capture_stdout=True, capture_stderr=True, check=False)
+    if r.returncode != 0:
+        raise MountError(f"{' '.join(cmd)}: {r.stderr.decode(errors='replace').strip() or r.returncode}")
+
+
+async def bind(source: str, target: str, read_only: bool) -> None:
+    """Bind `source` (a mount top in the session) onto `target`; the session must be serving."""
+    os.makedirs(target, exist_ok=True)
+    await _run("mount", "--bind", source, target)
+    if read_only:
+        try:
+            await _run("mount", "-o", "remount,bind,ro", target)
+        except MountError:
+            await unbind(target)
+            raise
+
+
+async def unbind(target: str) -> bool:
+    """Unmount a bind mount; lazily when busy. True when it was unmounted at once."""
+    try:
+        await _run("umount", target)
+        return True
+    except MountError as e:
+        log.warning("%s is busy (%s): detaching lazily", target, e)
+        await _run("umount", "-l", target)
+        return False

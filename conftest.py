@@ -1,0 +1,2 @@
+# Real-server fixtures (nginx, redis-server, sshd) for every test module.
+pytest_plugins = ["tests.servers"]

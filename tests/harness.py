@@ -1,0 +1,173 @@
+"""Run the real aysfsd as a subprocess for end-to-end tests, and build sample trees."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+MOUNT_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def aysctl(*args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None,
+           user: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [str(BIN / "aysctl"), *args]
+    if user:
+        cmd = ["runuser", "-u", user, "--", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"aysctl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def mounted(path: str | Path) -> bool:
+    p = os.path.normpath(str(path))
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == p for line in f)
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def basic_config(tmp: Path, stors: Iterable[str], mounts: dict[str, str], extra_main: str = "",
+                 extra: str = "") -> str:
+    """A config with `mounts` (ays id -> mountpoint) served from `stors`, state under `tmp`."""
+    lines = ["[main]", f'cache_dir = "{tmp}/cache"', f'control_socket = "{tmp}/aysfsd.sock"',
+             f'fuse_root = "{tmp}/fuse"', "fetch_timeout = 10", extra_main, ""]
+    for s in stors:
+        lines += ["[[stor]]", f'url = "{s}"', ""]
+    lines.append(extra)
+    for ays_id, mnt in mounts.items():
+        lines += ["[[ays]]", f"id = '{ays_id}'", f'mnt = "{mnt}"', ""]
+    return "\n".join(lines)
+
+
+class Daemon:
+    """aysfsd --config FILE in the foreground, logs to a file."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = log
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_mounts: Iterable[str | Path] = ()) -> Daemon:
+        logf = open(self.log_path, "ab")
+        env = dict(os.environ, **(self.env or {}))
+        self.proc = subprocess.Popen([str(BIN / "aysfsd"), "--config", str(self.config), "--log-level", "debug"],
+                                     stdout=logf, stderr=subprocess.STDOUT, env=env)
+        logf.close()
+        for m in wait_mounts:
+            self.wait_mounted(m)
+        return self
+
+    def wait_mounted(self, path: str | Path, timeout: float = MOUNT_TIMEOUT) -> None:
+        def ok() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"aysfsd exited ({self.proc.returncode}):\n{self.log()}")
+            return mounted(path)
+
+        wait_for(ok, timeout, f"mount at {path}\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self.stop()
+
+
+def force_unmount_under(path: Path) -> None:
+    """Leave no mount behind below `path`, whatever a test did."""
+    p = str(path)
+    with open("/proc/self/mountinfo") as f:
+        mps = [line.split()[4] for line in f]
+    for mp in sorted((m for m in mps if m == p or m.startswith(p + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+def sample_tree(dst: Path, big_size: int = 9 * 1024 * 1024 + 12345) -> Path:
+    """A real tree: part of the standard library, a chunked file, symlinks, odd names, empties."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json", "email", "logging"):
+        shutil.copytree(stdlib / name, dst / "lib" / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    rnd = random.Random(1234)
+    (dst / "data").mkdir(parents=True)
+    (dst / "data" / "big.bin").write_bytes(rnd.randbytes(big_size))
+    (dst / "data" / "empty").write_bytes(b"")
+    (dst / "empty-dir").mkdir()
+    (dst / "naïve ünïcødé ✓.txt").write_text("héllo wörld\n")
+    (dst / "space name").write_text("spaces\n")
+    (dst / "bin").mkdir()
+    (dst / "bin" / "tool.sh").write_text("#!/bin/sh\necho hi\n")
+    os.chmod(dst / "bin" / "tool.sh", 0o755)
+    os.chmod(dst / "data" / "empty", 0o600)
+    os.symlink("../lib/json/__init__.py", dst / "bin" / "json-link")
+    os.symlink("/etc/hostname", dst / "abs-link")
+    os.symlink("does/not/exist", dst / "dangling")
+    os.utime(dst / "space name", ns=(1_000_000_000_123_456_789, 1_000_000_000_123_456_789))
+    return dst
+
+
+def tree_listing(root: Path) -> dict[str, tuple]:
+    """path -> (kind, mode, size, mtime_ns, content sha/target) for comparing trees."""
+    import hashlib
+
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("l", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("d", st.st_mode, st.st_mtime_ns)
+            else:
+                out[rel] = ("f", st.st_mode, st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out

@@ -1,0 +1,160 @@
+"""End to end: publish a real tree to a real nginx stor, mount it with aysfsd, read it back."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aysfsd.layout import blob_path, ref_path
+from aysfsd.ref import decode_ref
+from tests.harness import Daemon, aysctl, basic_config, mounted, sample_tree, tree_listing
+from tests.servers import Nginx
+
+AYS = "jumpscale|sample!main"
+
+
+def publish(src: Path, stor: str, ays: str = AYS) -> str:
+    out = aysctl("publish", str(src), "--ays", ays, "--stor", stor).stdout
+    return out.split()[1]
+
+
+@pytest.fixture
+def published(work: Path, nginx_stor: Nginx) -> tuple[Path, Nginx, str]:
+    src = sample_tree(work / "src")
+    root = publish(src, nginx_stor.url)
+    return src, nginx_stor, root
+
+
+def start(work: Path, stors: list[str], mounts: dict[str, str], name: str = "d") -> Daemon:
+    cfg = work / f"{name}.toml"
+    cfg.write_text(basic_config(work / name, stors, mounts))
+    return Daemon(cfg, work / f"{name}.log").start(wait_mounts=mounts.values())
+
+
+def test_publish_again_uploads_nothing(published: tuple[Path, Nginx, str]) -> None:
+    src, nginx, root = published
+    out = aysctl("publish", str(src), "--ays", AYS, "--stor", nginx.url).stdout
+    assert out.split()[1] == root
+    assert "uploaded 0 blobs (0 bytes)" in out and "unchanged" in out
+    ref = decode_ref((nginx.root / ref_path(AYS)).read_bytes(), AYS)
+    assert ref.root == root and ref.revision == 1
+    assert (nginx.root / "refs" / "jumpscale%7Csample%21main").is_file()
+    # the 9 MiB file is three chunks, each a blob named by its hash
+    big = (src / "data" / "big.bin").read_bytes()
+    for i in range(0, len(big), 4 << 20):
+        h = hashlib.sha256(big[i:i + (4 << 20)]).hexdigest()
+        assert (nginx.root / blob_path(h)).read_bytes() == big[i:i + (4 << 20)]
+
+
+def test_mount_is_identical_to_source(work: Path, published: tuple[Path, Nginx, str]) -> None:
+    src, nginx, _ = published
+    mnt = work / "mnt"
+    with start(work, [nginx.url], {AYS: str(mnt)}):
+        assert tree_listing(mnt) == tree_listing(src)
+        subprocess.run(["diff", "-r", "--no-dereference", str(src), str(mnt)], check=True)
+        st = os.lstat(mnt / "bin" / "tool.sh")
+        assert (st.st_uid, st.st_gid) == (0, 0) and st.st_mode & 0o777 == 0o755
+        assert os.stat(mnt / "space name").st_mtime_ns == 1_000_000_000_123_456_789
+        assert os.readlink(mnt / "abs-link") == "/etc/hostname"
+        # a big file at random offsets, across chunk boundaries
+        big = (src / "data" / "big.bin").read_bytes()
+        rnd = random.Random(7)
+        with open(mnt / "data" / "big.bin", "rb", buffering=0) as f:
+            for _ in range(200):
+                off = rnd.randrange(len(big) + 10)
+                n = rnd.choice([1, 4096, 100_000, 5 << 20])
+                f.seek(off)
+                assert f.read(n) == big[off:off + n]
+        # applications run from the mount: python imports a package from it
+        r = subprocess.run(["python3", "-c", "import json, sys; print(json.__file__); print(json.dumps([1]))"],
+                           env={"PYTHONPATH": str(mnt / "lib"), "PATH": os.environ["PATH"]},
+                           capture_output=True, text=True, check=True)
+        assert r.stdout.splitlines() == [str(mnt / "lib/json/__init__.py"), "[1]"]
+
+
+def test_everything_is_read_only(work: Path, published: tuple[Path, Nginx, str]) -> None:
+    _, nginx, _ = published
+    mnt = work / "mnt"
+    with start(work, [nginx.url], {AYS: str(mnt)}):
+        attempts = [
+            lambda: open(mnt / "new", "w"),
+            lambda: open(mnt / "space name", "a"),
+            lambda: open(mnt / "space name", "r+"),
+            lambda: os.mkdir(mnt / "d"),
+            lambda: os.unlink(mnt / "space name"),
+            lambda: os.rmdir(mnt / "empty-dir"),
+            lambda: os.chmod(mnt / "space name", 0o777),
+            lambda: os.rename(mnt / "space name", mnt / "x"),
+            lambda: os.symlink("x", mnt / "l"),
+            lambda: os.truncate(mnt / "space name", 0),
+            lambda: os.utime(mnt / "space name"),
+        ]
+        for attempt in attempts:
+            with pytest.raises(OSError) as e:
+                attempt()
+            assert e.value.errno == errno.EROFS
+        assert (mnt / "space name").read_text() == "spaces\n"
+
+
+def test_two_mounts_share_the_cache_and_survive_stor_down(work: Path, published: tuple[Path, Nginx, str]) -> None:
+    src, nginx, _ = published
+    a, b = work / "a", work / "b"
+    cfg = work / "two.toml"
+    text = basic_config(work / "st", [nginx.url], {AYS: str(a)})
+    text += f"\n[[ays]]\nid = '{AYS}'\nname = 'second'\nmnt = \"{b}\"\n"
+    cfg.write_text(text)
+    with Daemon(cfg, work / "two.log").start(wait_mounts=[a, b]):
+        assert tree_listing(a) == tree_listing(src)
+        nginx.stop()
+        assert tree_listing(b) == tree_listing(src)  # every byte from the shared local cache
+    # a new daemon with the stor still down: metadata and data come from LMDB
+    with Daemon(cfg, work / "two2.log").start(wait_mounts=[a, b]) as d:
+        assert tree_listing(b) == tree_listing(src)
+        assert "using the last good version" in d.log()
+    assert not mounted(a) and not mounted(b)
+
+
+def test_corrupt_blob_gives_eio_never_bad_bytes(work: Path, published: tuple[Path, Nginx, str]) -> None:
+    src, nginx, _ = published
+    data = (src / "lib" / "json" / "decoder.py").read_bytes()
+    h = hashlib.sha256(data).hexdigest()
+    (nginx.root / blob_path(h)).write_bytes(data.replace(b"def ", b"DEF "))
+    mnt = work / "mnt"
+    with start(work, [nginx.url], {AYS: str(mnt)}) as d:
+        with pytest.raises(OSError) as e:
+            (mnt / "lib" / "json" / "decoder.py").read_bytes()
+        assert e.value.errno == errno.EIO
+        log = d.log()
+        assert f"corrupt blob {h} from {nginx.url}" in log
+        assert (mnt / "lib" / "json" / "encoder.py").read_bytes() == (src / "lib/json/encoder.py").read_bytes()
+        # truncated: same answer
+        big = (src / "data" / "big.bin").read_bytes()
+        h2 = hashlib.sha256(big[4 << 20:8 << 20]).hexdigest()
+        (nginx.root / blob_path(h2)).write_bytes(big[4 << 20:6 << 20])
+        with open(mnt / "data" / "big.bin", "rb") as f:
+            assert f.read(4096) == big[:4096]
+            f.seek(5 << 20)
+            with pytest.raises(OSError) as e:
+                f.read(4096)
+            assert e.value.errno == errno.EIO
+
+
+def test_unreachable_stor_gives_eio_in_bounded_time(work: Path, published: tuple[Path, Nginx, str]) -> None:
+    import time
+
+    src, nginx, _ = published
+    mnt = work / "mnt"
+    with start(work, [nginx.url], {AYS: str(mnt)}):
+        os.listdir(mnt / "lib" / "json")
+        nginx.stop()
+        t = time.monotonic()
+        with pytest.raises(OSError) as e:
+            (mnt / "lib" / "json" / "scanner.py").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert time.monotonic() - t < 12  # fetch_timeout = 10
