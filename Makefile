@@ -29,7 +29,7 @@ demo: setup
 	$(PY) demo/demo.py
 
 lint: setup
-	$(VENV)/bin/ruff check aysfsd aysctl tests bench demo
+	$(VENV)/bin/ruff check .
 
 typecheck: setup
 	$(VENV)/bin/mypy aysfsd aysctl
