@@ -17,18 +17,21 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pyfuse3
 import trio
 
-from . import notify, sysmount
+from . import __version__, notify, sysmount
 from .cache import LocalCache
 from .config import AysConfig, Config, ConfigError, load
+from .control import ControlServer
 from .fetch import Fetcher, Source
 from .fs import MountPoint, Operations
 from .layout import ref_path
 from .ref import Ref, RefError, decode_ref
 from .stores import StoreError, open_store
+from .watch import watch_config
 
 log = logging.getLogger("aysfsd")
 
@@ -67,6 +70,8 @@ class Daemon:
         self._checked: dict[str, float] = {}  # mount name -> monotonic time of the last ref check
         self._retry: dict[str, trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None
+        self.started = time.time()
+        self.debug_log: Any = None  # async generator factory for debug transaction logs (debug mode)
 
     # -- refs ---------------------------------------------------------------------------------
 
@@ -152,6 +157,7 @@ class Daemon:
             sysmount.cleanup_stale([mp.cfg.mnt])
         await sysmount.bind(os.path.join(self.fuse_root, mp.name), mp.cfg.mnt, read_only=not mp.cfg.debug)
         mp.state, mp.error = "up", ""
+        self.start_prefetch(mp)
         log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
                  extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
 
@@ -232,6 +238,60 @@ class Daemon:
             finally:
                 notify.notify("READY=1", f"STATUS={self.status_line()}")
 
+    def status_dict(self) -> dict[str, object]:
+        c = self.cache.stats()
+        k = self.fetcher.counters
+        mounts = []
+        for mp in sorted(self.ops.mounts.values(), key=lambda m: m.name):
+            pf = mp.prefetch
+            mounts.append({
+                "name": mp.name, "id": mp.cfg.id, "mnt": mp.cfg.mnt, "state": mp.state, "error": mp.error,
+                "root": mp.ref.root if mp.ref else None, "revision": mp.ref.revision if mp.ref else None,
+                "debug": mp.cfg.debug, "hits": mp.hits, "misses": mp.misses, "bytes_read": mp.bytes_read,
+                "bytes_by_tier": dict(mp.bytes_by_tier),
+                "prefetch": pf.public() if pf is not None else None,  # type: ignore[attr-defined]
+            })
+        return {
+            "daemon": {"pid": os.getpid(), "version": __version__, "uptime": round(time.time() - self.started, 3),
+                       "config": self.config_path, "config_error": self.status.config_error,
+                       "reloads": self.status.reloads, "status": self.status_line()},
+            "cache": {"dir": self.cache.path, "entries": c.entries, "bytes": c.bytes, "limit": c.limit,
+                      "hits": k.hits, "misses": k.misses, "memory_hits": k.memory_hits,
+                      "evicted_blobs": c.evicted_blobs, "evicted_bytes": c.evicted_bytes},
+            "sources": [{"url": s.name, "tier": s.tier, "down": s.is_down(), "failures": s.failures,
+                         "fetched_blobs": s.fetched_blobs, "fetched_bytes": s.fetched_bytes, "corrupt": s.corrupt}
+                        for s in self.fetcher.grid + self.fetcher.stors],
+            "mounts": mounts,
+        }
+
+    async def purge_mount(self, mp: MountPoint) -> tuple[int, int]:
+        """Drop the file blobs of a mount's current tree from the local cache (directory objects
+        stay: they are small and keep the mount usable offline). Open files refetch."""
+        if mp.ref is None:
+            return 0, 0
+        hashes: set[str] = set()
+        stack = [mp.ref.root]
+        while stack:
+            entries, _ = await self.ops.load_dir(stack.pop())
+            for e in entries:
+                if e.kind == "d":
+                    stack.append(e.hash)
+                else:
+                    hashes.update(h for h, _ in e.blobs())
+        present = [h for h in hashes if self.cache.has(h)]
+        freed = await trio.to_thread.run_sync(self.cache.delete, present)
+        self.fetcher.memory.clear()
+        return freed, len(present)
+
+    def start_prefetch(self, mp: MountPoint) -> None:
+        """Fill the tiers chosen by the mount's prefetch flags, in the background."""
+        if not (mp.cfg.prefetch_local or mp.cfg.prefetch_grid) or self.nursery is None:
+            return
+        from . import prefetch
+
+        self.nursery.start_soon(lambda: prefetch.run(self.ops, mp, local=mp.cfg.prefetch_local,
+                                                     grid=mp.cfg.prefetch_grid))
+
     def status_line(self) -> str:
         mounts = list(self.ops.mounts.values())
         up = sum(m.state == "up" for m in mounts)
@@ -282,7 +342,7 @@ class Daemon:
     async def _fuse_main(self) -> None:
         await pyfuse3.main(min_tasks=4, max_tasks=64)
 
-    async def run(self, extra_tasks: list | None = None) -> None:
+    async def run(self) -> None:
         paths = [self.fuse_root] + [a.mnt for a in self.cfg.ays]
         sysmount.cleanup_stale(paths)
         os.makedirs(self.fuse_root, mode=0o755, exist_ok=True)
@@ -298,8 +358,8 @@ class Daemon:
                 n.start_soon(self._signals)
                 for a in self.cfg.ays:
                     await self.start_mount(a)
-                for task in extra_tasks or []:
-                    n.start_soon(task)
+                await n.start(ControlServer(self, self.cfg.main.control_socket).serve)
+                n.start_soon(watch_config, self.config_path, self.reload)
                 n.start_soon(self._expiry_loop)
                 n.start_soon(self._flush_loop)
                 wd = notify.watchdog_interval()

@@ -116,12 +116,17 @@ class Fetcher:
         self.nursery: trio.Nursery | None = None  # for background grid write-back
         self._writeback_limit = trio.CapacityLimiter(4)
 
-    async def get(self, h: str, *, local: bool = True, grid: bool = True) -> bytes:
-        """The whole blob `h`, verified. Raises FetchError within `timeout` seconds."""
+    async def get(self, h: str, *, local: bool = True, grid: bool = True,
+                  account: dict[str, int] | None = None) -> bytes:
+        """The whole blob `h`, verified. Raises FetchError within `timeout` seconds.
+
+        `account` (a mount's bytes-by-tier) is credited with where the bytes came from."""
         data = self.cache.get(h)
         if data is not None:
             self.counters.hits += 1
             self.counters.bytes_by_tier["local"] += len(data)
+            if account is not None:
+                account["local"] += len(data)
             return data
         data = self.memory.get(h)
         if data is not None:
@@ -131,7 +136,7 @@ class Fetcher:
         if flight is None:
             flight = self._inflight[h] = _Flight()
             try:
-                flight.result = await self._fetch(h, local=local, grid=grid)
+                flight.result = await self._fetch(h, local=local, grid=grid, account=account)
             except FetchError as e:
                 flight.error = str(e)
             except BaseException as e:
@@ -146,7 +151,7 @@ class Fetcher:
             raise FetchError(flight.error)
         return flight.result
 
-    async def _fetch(self, h: str, *, local: bool, grid: bool) -> bytes:
+    async def _fetch(self, h: str, *, local: bool, grid: bool, account: dict[str, int] | None) -> bytes:
         self.counters.misses += 1
         rel = blob_path(h)
         problems: list[str] = []
@@ -162,6 +167,8 @@ class Fetcher:
                     src.fetched_blobs += 1
                     src.fetched_bytes += len(data)
                     self.counters.bytes_by_tier[src.tier] += len(data)
+                    if account is not None:
+                        account[src.tier] += len(data)
                     await self._keep(h, data, src, local=local, grid=grid)
                     return data
         self.counters.errors += 1

@@ -80,6 +80,8 @@ class MountPoint:
     hits: int = 0
     misses: int = 0
     bytes_read: int = 0
+    bytes_by_tier: dict[str, int] = field(default_factory=lambda: {"local": 0, "grid": 0, "stor": 0})
+    prefetch: dict[str, object] | None = None
 
     @property
     def name(self) -> str:
@@ -361,7 +363,8 @@ class Operations(pyfuse3.Operations):
             if data is None:
                 mp.misses += 1
                 try:
-                    blob = await self.fetcher.get(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid)
+                    blob = await self.fetcher.get(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
+                                                  account=mp.bytes_by_tier)
                 except FetchError as err:
                     log.error("mount %s: read of %r failed: %s", mp.name, e.name, err,
                               extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id, "BLOB": h})
@@ -373,6 +376,7 @@ class Operations(pyfuse3.Operations):
                 data = blob[coff:coff + n]
             else:
                 mp.hits += 1
+                mp.bytes_by_tier["local"] += len(data)
             out.append(data)
             pos += n
         mp.bytes_read += end - off

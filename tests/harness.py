@@ -90,6 +90,9 @@ class Daemon:
 
         wait_for(ok, timeout, f"mount at {path}\n{self.log()[-3000:]}")
 
+    def wait_ready(self, timeout: float = MOUNT_TIMEOUT) -> None:
+        wait_for(lambda: " ready: " in self.log(), timeout, "the daemon's ready line")
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -171,3 +174,48 @@ def tree_listing(root: Path) -> dict[str, tuple]:
             else:
                 out[rel] = ("f", st.st_mode, st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
     return out
+
+
+def ctl(sock: str | Path, obj: dict, timeout: float = 30.0) -> list[dict]:
+    """One raw control-protocol request: every line of the answer."""
+    import json
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(sock))
+        s.sendall(json.dumps(obj).encode() + b"\n")
+        with s.makefile("rb") as f:
+            return [json.loads(line) for line in f]
+    finally:
+        s.close()
+
+
+class NotifySocket:
+    """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+
+    def collect(self, until: str, timeout: float = 15.0) -> list[str]:
+        """Read datagrams until one contains the line `until` (e.g. "READY=1")."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.messages.append(msg)
+            if until in msg.split("\n"):
+                return self.messages
+        raise AssertionError(f"no {until} within {timeout}s; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()

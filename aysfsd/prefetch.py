@@ -1,0 +1,135 @@
+"""Prefetch: fill the local cache and/or the grid caches with a mount's whole tree.
+
+Runs in the background with a few workers only, so foreground reads (each a trio task of
+its own, unlimited) keep priority on the network and the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+from .fetch import FetchError
+from .fs import MountPoint, Operations
+from .layout import blob_path
+from .stores import StoreError
+from .tree import KIND_DIR
+
+log = logging.getLogger("aysfsd.prefetch")
+WORKERS = 4
+
+
+@dataclass
+class Progress:
+    state: str = "running"  # running | done | failed
+    blobs_done: int = 0
+    blobs_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    fetched_blobs: int = 0
+    fetched_bytes: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+
+    def public(self) -> dict[str, object]:
+        d = asdict(self)
+        d.pop("started")
+        return d
+
+
+async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[tuple[str, int]], p: Progress) -> None:
+    """Send every blob of the tree (directory objects included) once."""
+    seen: set[str] = set()
+    stack = [root]
+    async with send:
+        while stack:
+            h = stack.pop()
+            data_entries, _ = await ops.load_dir(h)
+            todo = [(h, 0)]
+            for e in data_entries:
+                if e.kind == KIND_DIR:
+                    stack.append(e.hash)
+                else:
+                    todo.extend(e.blobs())
+            for bh, size in todo:
+                if bh in seen:
+                    continue
+                seen.add(bh)
+                p.blobs_total += 1
+                p.bytes_total += size
+                await send.send((bh, size))
+
+
+async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
+              on_progress: Callable[[Progress], None] | None = None) -> Progress:
+    """Prefetch the current tree of `mp` into the chosen tiers; progress kept in `mp.prefetch`."""
+    p = Progress()
+    mp.prefetch = p  # type: ignore[assignment]
+    fetcher = ops.fetcher
+    if mp.ref is None:
+        p.state = "failed"
+        return p
+    root = mp.ref.root
+    send, recv = trio.open_memory_channel[tuple[str, int]](256)
+    last = 0.0
+
+    def tick() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if on_progress is not None and (now - last > 0.1 or p.blobs_done == p.blobs_total):
+            last = now
+            on_progress(p)
+
+    async def one(h: str, size: int) -> None:
+        if local and not ops.cache.has(h):
+            await fetcher.get(h, local=True, grid=mp.cfg.cache_grid)
+            p.fetched_blobs += 1
+            p.fetched_bytes += size
+        if grid:
+            data: bytes | None = None
+            for g in fetcher.grid:
+                if not g.writable or g.is_down():
+                    continue
+                rel = blob_path(h)
+                if await trio.to_thread.run_sync(g.store.exists, rel, abandon_on_cancel=True):
+                    continue
+                if data is None:
+                    data = await fetcher.get(h, local=local or mp.cfg.cache_local, grid=False)
+                await g.store.store(rel, data)
+
+    async def worker(recv: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
+        async with recv:
+            async for h, size in recv:
+                try:
+                    await one(h, size)
+                except (FetchError, StoreError) as e:
+                    p.errors += 1
+                    log.warning("prefetch %s: blob %s: %s", mp.name, h, e,
+                                extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id, "BLOB": h})
+                p.blobs_done += 1
+                p.bytes_done += size
+                tick()
+
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(_walk, ops, root, send, p)
+            for _ in range(WORKERS):
+                n.start_soon(worker, recv.clone())
+            await recv.aclose()
+    except Exception as e:
+        p.state = "failed"
+        p.errors += 1
+        log.error("prefetch %s failed: %s", mp.name, e, extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+    else:
+        p.state = "done" if p.errors == 0 else "failed"
+    p.seconds = round(time.monotonic() - p.started, 3)
+    if on_progress is not None:
+        on_progress(p)
+    log.info("prefetch %s: %d blobs (%d bytes), fetched %d, %d errors, %.1fs", mp.name, p.blobs_done,
+             p.bytes_done, p.fetched_blobs, p.errors, p.seconds, extra={"AYSFS_MOUNT": mp.name})
+    return p
