@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from aysctl import commands
+from aysctl.client import DEFAULT_CONFIG, DEFAULT_SOCKET
+from aysctl.debugpull import cmd_debug_pull
 from aysfsd.config import ConfigError, load
 from aysfsd.publish import Publisher
 from aysfsd.stores import StoreError, open_store
-
-DEFAULT_CONFIG = "/etc/aysfs/aysfs.toml"
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -42,9 +43,37 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def _control_options() -> argparse.ArgumentParser:
+    """--socket/--config/--json, also accepted after a control subcommand (`aysctl status --json`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS, help="aysfsd control socket")
+    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="config file to read control_socket from")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the raw JSON reply")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aysctl", description="Control aysfs: publish trees, talk to aysfsd.")
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    p = argparse.ArgumentParser(
+        prog="aysctl", description="Control aysfs: publish trees, talk to aysfsd.",
+        epilog="exit codes: 0 ok, 1 failed, 2 bad config or usage, 3 aysfsd not running, "
+               "4 permission denied, 5 unknown ays, 130 interrupted")
+    p.add_argument("-c", "--config", metavar="FILE", default=None,
+                   help=f"config file (default {DEFAULT_CONFIG}); control commands read control_socket from it")
+    p.add_argument("--socket", metavar="PATH", default=None,
+                   help=f"aysfsd control socket (default: from the config, else {DEFAULT_SOCKET})")
+    p.add_argument("--json", action="store_true", default=False,
+                   help="control commands print the daemon's raw JSON reply")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     pub = sub.add_parser("publish", help="publish a directory as an ays tree into a stor")
@@ -61,7 +90,43 @@ def build_parser() -> argparse.ArgumentParser:
     csub = cfg.add_subparsers(dest="config_cmd", required=True)
     chk = csub.add_parser("check", help="validate a config file")
     chk.add_argument("file", nargs="?", help="config file (default: --config)")
-    chk.set_defaults(func=lambda a: cmd_config_check(argparse.Namespace(config=a.file or a.config)))
+    chk.set_defaults(func=lambda a: cmd_config_check(argparse.Namespace(config=a.file or a.config or DEFAULT_CONFIG)))
+
+    common = _control_options()
+    st = sub.add_parser("status", parents=[common], help="show aysfsd, its mounts, the cache and the sources")
+    st.set_defaults(func=commands.cmd_status)
+
+    rl = sub.add_parser("reload", parents=[common], help="make aysfsd re-read its config file")
+    rl.set_defaults(func=commands.cmd_reload)
+
+    cache = sub.add_parser("cache", help="local cache tools")
+    cache_sub = cache.add_subparsers(dest="cache_cmd", required=True)
+    purge = cache_sub.add_parser("purge", parents=[common], help="drop cached blobs (all, or of one ays)")
+    purge.add_argument("--ays", metavar="ID", help="only this ays (id or mount name)")
+    purge.set_defaults(func=commands.cmd_cache_purge)
+
+    pf = sub.add_parser("prefetch", parents=[common], help="fetch a whole ays tree ahead of use")
+    pf.add_argument("ays", metavar="ID", help="ays id (quote it: 'jumpscale|mongodb!main') or mount name")
+    pf.add_argument("--local", action="store_true", help="into the local cache (the default)")
+    pf.add_argument("--grid", action="store_true", help="into the grid caches")
+    pf.set_defaults(func=commands.cmd_prefetch)
+
+    dbg = sub.add_parser("debug", help="debugging tools")
+    dbg_sub = dbg.add_subparsers(dest="debug_cmd", required=True)
+    tail = dbg_sub.add_parser("tail", parents=[common], help="show aysfsd's recent log lines, debug included")
+    tail.add_argument("mount", nargs="?", metavar="MOUNT", help="only this mount (name)")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
+    tail.add_argument("-n", "--lines", type=_count, default=10, metavar="N", help="recent lines to show (default 10)")
+    tail.set_defaults(func=commands.cmd_debug_tail)
+
+    pull = dbg_sub.add_parser("pull", help="copy a debug mount's edits from redis into a directory (no daemon needed)")
+    pull.add_argument("--mount", required=True, metavar="NAME", help="the mount's name ($mountname in the keys)")
+    pull.add_argument("--to", required=True, metavar="DIR", help="directory to write the edited files into")
+    pull.add_argument("--redis", metavar="HOST:PORT", help="redis server (default: [debug] of the config)")
+    pull.add_argument("--password", help="redis password (default: $AYSFS_REDIS_PASSWORD, else the config)")
+    pull.add_argument("--db", type=int, help="redis database number (default: the config's, else 0)")
+    pull.add_argument("--follow", action="store_true", help="keep applying new edits until Ctrl-C")
+    pull.set_defaults(func=cmd_debug_pull)
     return p
 
 

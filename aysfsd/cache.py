@@ -1,14 +1,22 @@
 """The local cache: blobs and last-good refs in one LMDB environment, shared by all mounts.
 
-LMDB has no LRU of its own: access times live in a second database and are
-batched in memory (`touch`) and written with the next write transaction, so a cache
-hit costs one read transaction and no write. Writes run in worker threads
-(`trio.to_thread`), one whole transaction per call: an LMDB write transaction
-belongs to the thread that opened it.
+LMDB has no LRU of its own: access stamps live in a second database and are batched
+in memory (`touch`) and written with the next write transaction, so a cache hit costs
+one read transaction and no write. Stamps are nanoseconds, strictly increasing within
+the process, so the eviction order is the access order even for hits within one second.
+Writes run in worker threads (`trio.to_thread`), one whole transaction per call: an LMDB
+write transaction belongs to the thread that opened it.
+
+The bound (`limit`) is on the bytes of blob data; a put that would cross it first evicts
+least-recently-used blobs down to LOW_WATER of the bound, in the same write transaction,
+so the committed size never exceeds the bound. Blobs in use by open files (`set_pinned`)
+are never evicted; when they alone fill the cache, new blobs are not stored (the
+fetcher then serves them from memory).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -18,9 +26,17 @@ from dataclasses import dataclass
 
 import lmdb
 
+log = logging.getLogger("aysfsd.cache")
+
 _U64 = struct.Struct("<Q")
 _SIZE_KEY = b"size"
 LOW_WATER = 0.9  # evict down to this fraction of the bound
+# A blob larger than the headroom between the bound and the low-water mark (10% of the
+# bound) is not stored: keeping it would evict a large share of the cache for one blob, and
+# a tiny cache would evict everything for every 4 MiB chunk it reads (thrashing). Such blobs
+# are served from the fetcher's memory LRU instead; with the default 10 GiB bound only
+# blobs over 1 GiB (never: chunks are at most 4 MiB) are affected.
+MAX_BLOB_FRACTION = 1 - LOW_WATER
 
 
 @dataclass
@@ -39,35 +55,52 @@ def _key(h: str) -> bytes:
 class LocalCache:
     """Blobs by SHA-256, bounded by `limit` bytes of blob data with LRU eviction."""
 
-    def __init__(self, path: str, limit: int) -> None:
+    def __init__(self, path: str, limit: int, map_size: int | None = None) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
         self.limit = limit
-        # map_size is address space only; leave room for LMDB's own pages beyond `limit`.
-        self.env = lmdb.open(path, map_size=max(limit * 2 + (256 << 20), 1 << 30), max_dbs=4,
-                             sync=False, metasync=False, readahead=False, max_readers=512)
+        self.max_blob = int(limit * MAX_BLOB_FRACTION)
+        # map_size is address space only; leave room for LMDB's own pages and free list.
+        if map_size is None:
+            map_size = max(limit * 2 + (256 << 20), 1 << 30)
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=4, sync=False, metasync=False,
+                             readahead=False, max_readers=512)
         self.blobs = self.env.open_db(b"blobs")
         self.atime = self.env.open_db(b"atime")
         self.meta = self.env.open_db(b"meta")
         self._touched: dict[bytes, int] = {}
-        self._touch_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _touched, _clock and the eviction counters
+        self._clock = 0
         self._pinned: Callable[[], Iterable[str]] = lambda: ()
         self.evicted_blobs = 0
         self.evicted_bytes = 0
+        self.skipped_blobs = 0  # puts refused: too large, cache full of pinned blobs, map full
 
     def set_pinned(self, fn: Callable[[], Iterable[str]]) -> None:
-        """`fn` returns hashes that open readers are using: never evicted."""
+        """`fn` returns hashes that open readers are using: never evicted.
+
+        It is called from worker threads during eviction, so it must only read
+        (Operations.pinned_blobs copies the open-file table in one C-level step)."""
         self._pinned = fn
 
     def close(self) -> None:
         self.flush()
         self.env.close()
 
+    def _stamp_locked(self) -> int:
+        t = max(time.time_ns(), self._clock + 1)
+        self._clock = t
+        return t
+
+    def _stamp(self) -> int:
+        with self._lock:
+            return self._stamp_locked()
+
     # -- reads (cheap, fine on the trio thread) -------------------------------------------------
 
     def _touch(self, k: bytes) -> None:
-        with self._touch_lock:
-            self._touched[k] = int(time.time())
+        with self._lock:
+            self._touched[k] = self._stamp_locked()
 
     def get(self, h: str) -> bytes | None:
         k = _key(h)
@@ -97,6 +130,7 @@ class LocalCache:
             return txn.get(key.encode())
 
     def size(self) -> int:
+        """Bytes of blob data stored (the quantity bounded by `limit`)."""
         with self.env.begin(db=self.meta) as txn:
             v = txn.get(_SIZE_KEY)
         return _U64.unpack(v)[0] if v else 0
@@ -104,72 +138,114 @@ class LocalCache:
     def stats(self) -> CacheStats:
         with self.env.begin() as txn:
             n = txn.stat(self.blobs)["entries"]
-        return CacheStats(n, self.size(), self.limit, self.evicted_blobs, self.evicted_bytes)
+            v = txn.get(_SIZE_KEY, db=self.meta)
+        return CacheStats(n, _U64.unpack(v)[0] if v else 0, self.limit, self.evicted_blobs, self.evicted_bytes)
 
     # -- writes (blocking: call through trio.to_thread) -----------------------------------------
 
     def _flush_touched(self, txn: lmdb.Transaction) -> None:
-        with self._touch_lock:
+        with self._lock:
             touched, self._touched = self._touched, {}
         for k, t in touched.items():
             if txn.get(k, db=self.blobs) is not None:
                 txn.put(k, _U64.pack(t), db=self.atime)
 
     def flush(self) -> None:
+        """Write the batched access stamps."""
         with self.env.begin(write=True, buffers=True) as txn:
             self._flush_touched(txn)
 
-    def put(self, h: str, data: bytes) -> None:
-        """Store a verified blob; evicts least-recently-used blobs when over the bound."""
-        if len(data) > self.limit * (1 - LOW_WATER):
-            return  # would evict most of the cache for one blob; serve it uncached
+    @staticmethod
+    def _total(txn: lmdb.Transaction, db: lmdb._Database) -> int:
+        v = txn.get(_SIZE_KEY, db=db)
+        return _U64.unpack(v)[0] if v else 0
+
+    def _evict_in(self, txn: lmdb.Transaction, total: int, target: int) -> tuple[int, int]:
+        """Within `txn`, drop LRU unpinned blobs until `total` - freed <= target: (bytes, blobs)."""
+        pinned = {_key(h) for h in self._pinned()}
+        order = sorted((_U64.unpack(t)[0], bytes(k)) for k, t in txn.cursor(db=self.atime))
+        freed = n = 0
+        for _, k in order:
+            if total - freed <= target:
+                break
+            if k in pinned:
+                continue
+            v = txn.get(k, db=self.blobs)
+            if v is not None:
+                freed += len(v)
+                n += 1
+                txn.delete(k, db=self.blobs)
+            txn.delete(k, db=self.atime)
+        return freed, n
+
+    def _count_evicted(self, freed: int, n: int) -> None:
+        with self._lock:
+            self.evicted_bytes += freed
+            self.evicted_blobs += n
+
+    def put(self, h: str, data: bytes) -> bool:
+        """Store a verified blob, evicting LRU blobs to stay within the bound.
+
+        Returns False when the blob was not stored: too large for this cache (see
+        MAX_BLOB_FRACTION), the cache is full of pinned blobs, or the LMDB map stays full
+        even after evicting half of the cache. Never raises MapFullError."""
+        if len(data) > self.max_blob:
+            self.skipped_blobs += 1
+            return False
         k = _key(h)
         try:
-            self._put(k, data)
+            return self._put(k, data)
         except lmdb.MapFullError:
-            self.evict(self.size() // 2)
-            self._put(k, data)
-        if self.size() > self.limit:
-            self.evict(int(self.limit * LOW_WATER))
+            pass
+        freed = self.evict(self.size() // 2)  # deletes fit in a full map; their pages are reused
+        log.warning("local cache: LMDB map full (%d bytes); evicted %d bytes of least-recently-used blobs",
+                    self.env.info()["map_size"], freed)
+        try:
+            return self._put(k, data)
+        except lmdb.MapFullError:
+            log.warning("local cache: LMDB map still full: blob %s (%d bytes) not cached", h, len(data))
+            self.skipped_blobs += 1
+            return False
 
-    def _put(self, k: bytes, data: bytes) -> None:
+    def _put(self, k: bytes, data: bytes) -> bool:
+        freed = n = 0
+        stored = False
         with self.env.begin(write=True, buffers=True) as txn:
             self._flush_touched(txn)
-            if txn.put(k, data, db=self.blobs, overwrite=False):
-                size = txn.get(_SIZE_KEY, db=self.meta)
-                total = (_U64.unpack(size)[0] if size else 0) + len(data)
-                txn.put(_SIZE_KEY, _U64.pack(total), db=self.meta)
-            txn.put(k, _U64.pack(int(time.time())), db=self.atime)
+            stamp = _U64.pack(self._stamp())
+            if txn.get(k, db=self.blobs) is not None:
+                txn.put(k, stamp, db=self.atime)
+                return True
+            total = self._total(txn, self.meta)
+            if total + len(data) > self.limit:
+                freed, n = self._evict_in(txn, total, int(self.limit * LOW_WATER) - len(data))
+                total -= freed
+            if total + len(data) <= self.limit:
+                txn.put(k, data, db=self.blobs)
+                txn.put(k, stamp, db=self.atime)
+                total += len(data)
+                stored = True
+            txn.put(_SIZE_KEY, _U64.pack(total), db=self.meta)
+        self._count_evicted(freed, n)  # after the commit: an aborted eviction freed nothing
+        if not stored:
+            self.skipped_blobs += 1
+        return stored
 
     def put_meta(self, key: str, value: bytes) -> None:
         with self.env.begin(write=True, db=self.meta) as txn:
             txn.put(key.encode(), value)
 
     def evict(self, target: int) -> int:
-        """Drop least-recently-used unpinned blobs until at most `target` bytes remain."""
-        pinned = {_key(h) for h in self._pinned()}
+        """Drop least-recently-used unpinned blobs until at most `target` bytes remain; bytes freed."""
         with self.env.begin(write=True, buffers=True) as txn:
             self._flush_touched(txn)
-            size = txn.get(_SIZE_KEY, db=self.meta)
-            total = _U64.unpack(size)[0] if size else 0
+            total = self._total(txn, self.meta)
             if total <= target:
                 return 0
-            order = sorted((_U64.unpack(t)[0], bytes(k)) for k, t in txn.cursor(db=self.atime))
-            freed = 0
-            for _, k in order:
-                if total - freed <= target:
-                    break
-                if k in pinned:
-                    continue
-                v = txn.get(k, db=self.blobs)
-                if v is not None:
-                    freed += len(v)
-                    txn.delete(k, db=self.blobs)
-                    self.evicted_blobs += 1
-                txn.delete(k, db=self.atime)
-            self.evicted_bytes += freed
+            freed, n = self._evict_in(txn, total, target)
             txn.put(_SIZE_KEY, _U64.pack(total - freed), db=self.meta)
-            return freed
+        self._count_evicted(freed, n)
+        return freed
 
     def delete(self, hashes: Iterable[str]) -> int:
         """Remove the given blobs; returns bytes freed."""
@@ -182,18 +258,19 @@ class LocalCache:
                     freed += len(v)
                     txn.delete(k, db=self.blobs)
                 txn.delete(k, db=self.atime)
-            size = txn.get(_SIZE_KEY, db=self.meta)
-            total = _U64.unpack(size)[0] if size else 0
+            total = self._total(txn, self.meta)
             txn.put(_SIZE_KEY, _U64.pack(max(0, total - freed)), db=self.meta)
         return freed
 
     def purge(self) -> int:
-        """Remove every blob (refs kept: they are the last good versions); returns bytes freed."""
-        freed = self.size()
+        """Remove every blob (refs kept: they are the last good versions); returns bytes freed.
+
+        The LMDB file keeps its size: its pages are reused by later puts."""
         with self.env.begin(write=True, buffers=True) as txn:
+            freed = self._total(txn, self.meta)
             txn.drop(self.blobs, delete=False)
             txn.drop(self.atime, delete=False)
             txn.put(_SIZE_KEY, _U64.pack(0), db=self.meta)
-        with self._touch_lock:
+        with self._lock:
             self._touched.clear()
         return freed

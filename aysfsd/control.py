@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import logsetup
+from .debugstore import DebugStoreError
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -253,10 +254,14 @@ class ControlServer:
             raise Refused("bad-request", '"lines" must be a non-negative integer')
         mount = req.get("mount")
         debug = bool(req.get("debug"))
-        source = self.daemon.debug_log if debug else None
-        if source is not None:
-            async for item in source(mount, lines, bool(req.get("follow"))):
-                await event({"event": "log", **item})
+        if debug:
+            try:
+                async for item in self.daemon.debug_log(mount, lines, bool(req.get("follow"))):
+                    await event({"event": "log", **item})
+            except LookupError as e:
+                raise Refused("unknown-ays", str(e)) from None
+            except DebugStoreError as e:
+                raise Refused("failed", str(e)) from None
             return {}
 
         def wanted(item: dict[str, object]) -> bool:

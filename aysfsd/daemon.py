@@ -16,8 +16,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import pyfuse3
 import trio
@@ -26,6 +26,8 @@ from . import __version__, notify, sysmount
 from .cache import LocalCache
 from .config import AysConfig, Config, ConfigError, load
 from .control import ControlServer
+from .debug import DebugOverlay
+from .debugstore import DebugStoreError
 from .fetch import Fetcher, Source
 from .fs import MountPoint, Operations
 from .layout import ref_path
@@ -71,7 +73,7 @@ class Daemon:
         self._retry: dict[str, trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None
         self.started = time.time()
-        self.debug_log: Any = None  # async generator factory for debug transaction logs (debug mode)
+        self.debug_log = self._debug_log
 
     # -- refs ---------------------------------------------------------------------------------
 
@@ -153,6 +155,9 @@ class Daemon:
             raise RuntimeError(f"no version of {mp.cfg.id!r} found: {e}") from None
         self._checked[mp.name] = time.monotonic()
         self.ops.set_ref(mp, ref)
+        if mp.cfg.debug and mp.overlay is None:
+            mp.overlay = DebugOverlay(mp.name, self.cfg.debug)
+            await mp.overlay.load()
         if sysmount.is_mounted(mp.cfg.mnt):
             sysmount.cleanup_stale([mp.cfg.mnt])
         await sysmount.bind(os.path.join(self.fuse_root, mp.name), mp.cfg.mnt, read_only=not mp.cfg.debug)
@@ -187,6 +192,8 @@ class Daemon:
             except sysmount.MountError as e:
                 log.error("mount %s: unmounting %s failed: %s", name, mp.cfg.mnt, e)
         self.ops.remove_mount(name, notify_kernel=not shutdown)
+        if mp.overlay is not None:
+            mp.overlay.close()
         self._checked.pop(name, None)
         log.info("mount %s: removed from %s", name, mp.cfg.mnt, extra={"AYSFS_MOUNT": name})
 
@@ -203,12 +210,14 @@ class Daemon:
                 await s.store.aclose()
                 await trio.to_thread.run_sync(s.store.close)
         self.fetcher.timeout = new.main.fetch_timeout
-        self.cfg = new
+        old_cfg, self.cfg = self.cfg, new
         wanted = {a.name: a for a in new.ays}
+        debug_changed = new.debug != old_cfg.debug
         for name in list(self.ops.mounts):
             a = wanted.get(name)
             mp = self.ops.mounts[name]
-            if a is None or (a.id, a.mnt, a.debug) != (mp.cfg.id, mp.cfg.mnt, mp.cfg.debug):
+            if a is None or (a.id, a.mnt, a.debug) != (mp.cfg.id, mp.cfg.mnt, mp.cfg.debug) or (
+                    a.debug and debug_changed):
                 await self.stop_mount(name)
             elif a != mp.cfg:
                 mp.cfg = a  # cache flags only: no remount needed
@@ -283,6 +292,37 @@ class Daemon:
         self.fetcher.memory.clear()
         return freed, len(present)
 
+    async def _debug_log(self, mount: str | None, lines: int, follow: bool) -> AsyncIterator[dict[str, object]]:
+        """Debug transaction log entries (`debug:log:$mountname`) of one or every debug mount."""
+        mounts = [m for m in self.ops.mounts.values() if m.overlay is not None and (not mount or m.name == mount)]
+        if mount and not mounts:
+            raise LookupError(f"no mount named {mount!r} in debug mode")
+        pos: dict[str, int] = {}
+        for mp in mounts:
+            assert mp.overlay is not None
+            store = mp.overlay.store
+            n = await trio.to_thread.run_sync(store.log_length)
+            start = max(0, n - lines)
+            for epoch, path, md5 in (await trio.to_thread.run_sync(store.log_entries, start, n - 1) if lines else []):
+                yield {"time": epoch, "level": "info", "logger": "debug", "AYSFS_MOUNT": mp.name,
+                       "path": path, "hash": md5, "message": f"{mp.name}: {path} {'removed' if not md5 else md5}"}
+            pos[mp.name] = n
+        while follow:
+            await trio.sleep(0.5)
+            for mp in mounts:
+                assert mp.overlay is not None
+                store = mp.overlay.store
+                try:
+                    n = await trio.to_thread.run_sync(store.log_length)
+                    new = await trio.to_thread.run_sync(store.log_entries, pos[mp.name], n - 1) if n > pos[mp.name] else []
+                except DebugStoreError:
+                    continue
+                for epoch, path, md5 in new:
+                    yield {"time": epoch, "level": "info", "logger": "debug", "AYSFS_MOUNT": mp.name,
+                           "path": path, "hash": md5,
+                           "message": f"{mp.name}: {path} {'removed' if not md5 else md5}"}
+                pos[mp.name] = n
+
     def start_prefetch(self, mp: MountPoint) -> None:
         """Fill the tiers chosen by the mount's prefetch flags, in the background."""
         if not (mp.cfg.prefetch_local or mp.cfg.prefetch_grid) or self.nursery is None:
@@ -356,9 +396,9 @@ class Daemon:
                 self.fetcher.nursery = n
                 n.start_soon(self._fuse_main)
                 n.start_soon(self._signals)
+                await n.start(ControlServer(self, self.cfg.main.control_socket).serve)
                 for a in self.cfg.ays:
                     await self.start_mount(a)
-                await n.start(ControlServer(self, self.cfg.main.control_socket).serve)
                 n.start_soon(watch_config, self.config_path, self.reload)
                 n.start_soon(self._expiry_loop)
                 n.start_soon(self._flush_loop)

@@ -1,16 +1,27 @@
-"""The tiered fetch: local cache, then grid caches, then stors, each blob verified.
+"""The tiered fetch: local cache, then grid caches in order, then stors in order, each blob verified.
 
 One fetch per blob is in flight at a time (single-flight): concurrent readers of a
-missing blob wait for the same download. A source that fails is marked down for a
-while and skipped; a blob that fails its hash check is an error of that source, never
-data for a reader.
+missing blob wait for the same download. A blob that fails its hash check is an error
+of that source (logged, next source tried), never data for a reader.
+
+Failover: every request is bounded by its source's `timeout` (the store enforces it:
+per connect/read phase over HTTP and SSH, per operation for a directory); a transport
+error is retried RETRIES times with backoff (a timeout is not: it already waited long);
+a source that still fails is marked down for DOWN_SECONDS and skipped while others
+remain. When no source that is up could serve a blob, the sources marked down get one
+probe each (at most one in flight per source), so a stor that came back is used at
+once and a dead one costs one refused connection. The whole fetch is bounded by
+`fetch_timeout`: then FetchError, which the filesystem answers with EIO.
+
+Write-back: with the mount's `cache.grid` on, a blob fetched from a later tier is
+written to every writable grid cache tried before it (so a grid cache that missed it,
+or held a corrupt copy, is filled or repaired), in the background.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,21 +30,26 @@ import trio
 
 from .cache import LocalCache
 from .layout import blob_path
-from .stores import Store, StoreError
+from .stores import Store, StoreError, StoreTimeout
 
 log = logging.getLogger("aysfsd.fetch")
 
 DOWN_SECONDS = 15.0
 RETRIES = 2
+BACKOFF = 0.1  # seconds before the first retry; tripled for each further one
 HASH_IN_THREAD = 1 << 20  # hash blobs larger than this off the trio loop
+WRITEBACK_BUDGET = 64 << 20  # bytes of blobs queued for grid write-back; beyond it write-back is skipped
+MEMORY_BUDGET = 64 << 20
 
 
 class FetchError(Exception):
     """A blob could not be had from any tier (missing, corrupt or unreachable everywhere)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Source:
+    """A grid cache or stor with its health and counters."""
+
     store: Store
     tier: str  # "grid" or "stor"
     writable: bool = True
@@ -42,6 +58,7 @@ class Source:
     fetched_blobs: int = 0
     fetched_bytes: int = 0
     corrupt: int = 0
+    probing: bool = False
 
     @property
     def name(self) -> str:
@@ -49,6 +66,17 @@ class Source:
 
     def is_down(self) -> bool:
         return time.monotonic() < self.down_until
+
+    def mark_down(self, reason: str, blob: str = "") -> None:
+        self.failures += 1
+        self.down_until = time.monotonic() + DOWN_SECONDS
+        log.warning("source %s marked down for %gs: %s", self.name, DOWN_SECONDS, reason,
+                    extra={"BLOB": blob, "SOURCE": self.name})
+
+    def mark_up(self) -> None:
+        if self.down_until:
+            self.down_until = 0.0
+            log.info("source %s answers again", self.name, extra={"SOURCE": self.name})
 
 
 @dataclass
@@ -58,10 +86,14 @@ class Counters:
     memory_hits: int = 0
     errors: int = 0
     bytes_by_tier: dict[str, int] = field(default_factory=lambda: {"local": 0, "grid": 0, "stor": 0})
+    writebacks: int = 0
+    writeback_errors: int = 0
+    writebacks_skipped: int = 0
 
 
 class MemoryLRU:
-    """Recently fetched blobs kept in memory, for mounts with the local cache off."""
+    """Recently fetched blobs kept in memory: for mounts with the local cache off, and for
+    blobs the local cache did not take (too large for it, or full of pinned blobs)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -97,134 +129,226 @@ async def sha256_of(data: bytes) -> str:
 class _Flight:
     """One download in progress; concurrent readers of the same blob wait on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, local: bool) -> None:
         self.done = trio.Event()
+        self.local = local  # whether the owner stores the result in the local cache
         self.result: bytes | None = None
+        self.tier = ""
         self.error = ""
 
 
 class Fetcher:
+    """Gets verified blobs from the nearest tier; see the module docstring."""
+
     def __init__(self, cache: LocalCache, grid: list[Source], stors: list[Source],
                  timeout: float = 30.0) -> None:
         self.cache = cache
         self.grid = grid
         self.stors = stors
         self.timeout = timeout
-        self.memory = MemoryLRU(64 << 20)
+        self.memory = MemoryLRU(MEMORY_BUDGET)
         self.counters = Counters()
         self._inflight: dict[str, _Flight] = {}
         self.nursery: trio.Nursery | None = None  # for background grid write-back
         self._writeback_limit = trio.CapacityLimiter(4)
+        self._writeback_pending = 0  # bytes queued or being written back
+        self._foreground = 0  # foreground network fetches in progress
+        self._foreground_idle = trio.Event()
+        self._foreground_idle.set()
 
-    async def get(self, h: str, *, local: bool = True, grid: bool = True,
-                  account: dict[str, int] | None = None) -> bytes:
-        """The whole blob `h`, verified. Raises FetchError within `timeout` seconds.
+    # -- lookup ---------------------------------------------------------------------------------
 
-        `account` (a mount's bytes-by-tier) is credited with where the bytes came from."""
+    def _cached(self, h: str, account: dict[str, int] | None) -> bytes | None:
         data = self.cache.get(h)
         if data is not None:
             self.counters.hits += 1
-            self.counters.bytes_by_tier["local"] += len(data)
-            if account is not None:
-                account["local"] += len(data)
-            return data
-        data = self.memory.get(h)
-        if data is not None:
+        else:
+            data = self.memory.get(h)
+            if data is None:
+                return None
             self.counters.memory_hits += 1
+        self.counters.bytes_by_tier["local"] += len(data)
+        if account is not None:
+            account["local"] += len(data)
+        return data
+
+    async def wait_foreground_idle(self) -> None:
+        """Return once no foreground (reader) fetch is going to the network."""
+        while self._foreground:
+            await self._foreground_idle.wait()
+
+    async def get(self, h: str, *, local: bool = True, grid: bool = True,
+                  account: dict[str, int] | None = None, background: bool = False) -> bytes:
+        """The whole blob `h`, verified. Raises FetchError within `timeout` seconds.
+
+        `local`/`grid`: keep the blob in the local cache / write it back to the grid caches.
+        `account` (a mount's bytes-by-tier) is credited with where the bytes came from.
+        `background` (prefetch) fetches wait while foreground fetches are in progress."""
+        if background:
+            await self.wait_foreground_idle()
+        data = self._cached(h, account)
+        if data is not None:
             return data
         flight = self._inflight.get(h)
-        if flight is None:
-            flight = self._inflight[h] = _Flight()
-            try:
-                flight.result = await self._fetch(h, local=local, grid=grid, account=account)
-            except FetchError as e:
-                flight.error = str(e)
-            except BaseException as e:
-                flight.error = f"blob {h}: fetch interrupted ({e!r})"
-                raise
-            finally:
-                del self._inflight[h]
-                flight.done.set()
-        else:
+        if flight is not None:
             await flight.done.wait()
-        if flight.result is None:
-            raise FetchError(flight.error)
+            if flight.result is None:
+                raise FetchError(flight.error)
+            if account is not None:
+                account[flight.tier] += len(flight.result)
+            if local and not flight.local:
+                await self._store_local(h, flight.result)
+            return flight.result
+        flight = self._inflight[h] = _Flight(local)
+        if not background:
+            if self._foreground == 0:
+                self._foreground_idle = trio.Event()
+            self._foreground += 1
+        try:
+            flight.result, flight.tier = await self._fetch(h, local=local, grid=grid, account=account)
+        except FetchError as e:
+            flight.error = str(e)
+            raise
+        except BaseException as e:
+            flight.error = f"blob {h}: fetch interrupted ({e!r})"
+            raise
+        finally:
+            del self._inflight[h]
+            flight.done.set()
+            if not background:
+                self._foreground -= 1
+                if self._foreground == 0:
+                    self._foreground_idle.set()
         return flight.result
 
-    async def _fetch(self, h: str, *, local: bool, grid: bool, account: dict[str, int] | None) -> bytes:
+    async def _fetch(self, h: str, *, local: bool, grid: bool,
+                     account: dict[str, int] | None) -> tuple[bytes, str]:
         self.counters.misses += 1
-        rel = blob_path(h)
         problems: list[str] = []
+        corrupt: list[Source] = []
+        found: tuple[bytes, Source] | None = None
         with trio.move_on_after(self.timeout) as scope:
-            for tier in (self.grid, self.stors):
-                for src in tier:
-                    if src.is_down():
-                        problems.append(f"{src.name}: down")
-                        continue
-                    data = await self._from(src, rel, h, problems)
-                    if data is None:
-                        continue
-                    src.fetched_blobs += 1
-                    src.fetched_bytes += len(data)
-                    self.counters.bytes_by_tier[src.tier] += len(data)
-                    if account is not None:
-                        account[src.tier] += len(data)
-                    await self._keep(h, data, src, local=local, grid=grid)
-                    return data
-        self.counters.errors += 1
-        if scope.cancelled_caught:
-            problems.append(f"gave up after {self.timeout:g}s")
-        raise FetchError(f"blob {h} not available: " + "; ".join(problems or ["no sources configured"]))
+            found = await self._search(h, problems, corrupt)
+        if found is None:
+            self.counters.errors += 1
+            if scope.cancelled_caught:
+                problems.append(f"gave up after fetch_timeout {self.timeout:g}s")
+            raise FetchError(f"blob {h} not available: " + "; ".join(problems or ["no sources configured"]))
+        data, src = found
+        src.fetched_blobs += 1
+        src.fetched_bytes += len(data)
+        self.counters.bytes_by_tier[src.tier] += len(data)
+        if account is not None:
+            account[src.tier] += len(data)
+        await self._keep(h, data, src, local=local, grid=grid, corrupt=corrupt)
+        return data, src.tier
 
-    async def _from(self, src: Source, rel: str, h: str, problems: list[str]) -> bytes | None:
-        for attempt in range(RETRIES + 1):
+    async def _search(self, h: str, problems: list[str], corrupt: list[Source]) -> tuple[bytes, Source] | None:
+        rel = blob_path(h)
+        skipped: list[Source] = []
+        for src in self.grid + self.stors:
+            if src.is_down():
+                problems.append(f"{src.name}: down")
+                skipped.append(src)
+                continue
+            data = await self._from(src, rel, h, problems, corrupt, RETRIES)
+            if data is not None:
+                return data, src
+        for src in skipped:  # last resort: one probe of each source marked down
+            if src.probing:
+                continue
+            src.probing = True
             try:
-                data = await src.store.fetch(rel)
-            except StoreError as e:
-                if attempt < RETRIES:
-                    await trio.sleep(0.1 * math.pow(3, attempt))
-                    continue
-                src.failures += 1
-                src.down_until = time.monotonic() + DOWN_SECONDS
-                log.warning("source %s marked down for %ss: %s", src.name, DOWN_SECONDS, e,
-                            extra={"BLOB": h, "SOURCE": src.name})
-                problems.append(f"{src.name}: {e}")
-                return None
-            if data is None:
-                problems.append(f"{src.name}: not found")
-                return None
-            if await sha256_of(data) != h:
-                src.corrupt += 1
-                log.error("corrupt blob %s from %s (%d bytes, hash mismatch): skipped", h, src.name, len(data),
-                          extra={"BLOB": h, "SOURCE": src.name})
-                problems.append(f"{src.name}: corrupt (hash mismatch)")
-                return None
-            return data
+                data = await self._from(src, rel, h, problems, corrupt, 0)
+            finally:
+                src.probing = False
+            if data is not None:
+                return data, src
         return None
 
-    async def _keep(self, h: str, data: bytes, src: Source, *, local: bool, grid: bool) -> None:
-        if local:
+    async def _from(self, src: Source, rel: str, h: str, problems: list[str], corrupt: list[Source],
+                    retries: int) -> bytes | None:
+        """The verified blob from one source, or None (reason appended to `problems`)."""
+        attempt = 0
+        while True:
             try:
-                await trio.to_thread.run_sync(self.cache.put, h, data)
-            except Exception as e:  # a full disk must not fail the read
-                log.error("local cache: could not store blob %s: %s", h, e, extra={"BLOB": h})
-                self.memory.put(h, data)
+                data = await src.store.fetch(rel)
+                break
+            except StoreError as e:
+                if attempt < retries and not isinstance(e, StoreTimeout):
+                    await trio.sleep(BACKOFF * 3 ** attempt)
+                    attempt += 1
+                    continue
+                src.mark_down(str(e), h)
+                problems.append(f"{src.name}: {e}")
+                return None
+        src.mark_up()
+        if data is None:
+            problems.append(f"{src.name}: not found")
+            return None
+        if await sha256_of(data) != h:
+            src.corrupt += 1
+            corrupt.append(src)
+            log.error("corrupt blob %s from %s (%s, %d bytes, hash mismatch): skipped", h, src.name,
+                      "grid cache" if src.tier == "grid" else "stor", len(data),
+                      extra={"BLOB": h, "SOURCE": src.name})
+            problems.append(f"{src.name}: corrupt (hash mismatch)")
+            return None
+        return data
+
+    # -- keeping what was fetched -----------------------------------------------------------------
+
+    async def _store_local(self, h: str, data: bytes) -> None:
+        try:
+            stored = await trio.to_thread.run_sync(self.cache.put, h, data)
+        except Exception as e:  # a broken disk must not fail the read
+            log.error("local cache: could not store blob %s: %s", h, e, extra={"BLOB": h})
+            stored = False
+        if not stored:
+            self.memory.put(h, data)
+
+    async def _keep(self, h: str, data: bytes, src: Source, *, local: bool, grid: bool,
+                    corrupt: list[Source]) -> None:
+        if local:
+            await self._store_local(h, data)
         else:
             self.memory.put(h, data)
-        if grid:
-            # fill (and so repair) every writable grid cache tried before the one that answered
-            for g in self.grid:
-                if g is src:
-                    break
-                if g.writable and not g.is_down():
-                    if self.nursery is not None:
-                        self.nursery.start_soon(self._write_back, g, h, data)
-                    else:
-                        await self._write_back(g, h, data)
+        if not grid:
+            return
+        # fill (and so repair) every writable grid cache tried before the one that answered
+        for g in self.grid:
+            if g is src:
+                break
+            if not g.writable or g.is_down():
+                continue
+            if g in corrupt:
+                log.warning("grid cache %s: repairing corrupt blob %s by write-back", g.name, h,
+                            extra={"BLOB": h, "SOURCE": g.name})
+            if self.nursery is None:
+                await self._write_back(g, h, data, queued=False)
+            elif self._writeback_pending + len(data) > WRITEBACK_BUDGET:
+                self.counters.writebacks_skipped += 1
+                log.debug("grid cache %s: write-back of %s skipped (%d bytes already queued)", g.name, h,
+                          self._writeback_pending, extra={"BLOB": h})
+            else:
+                self._writeback_pending += len(data)
+                self.nursery.start_soon(self._write_back, g, h, data, True)
 
-    async def _write_back(self, g: Source, h: str, data: bytes) -> None:
+    async def _write_back(self, g: Source, h: str, data: bytes, queued: bool) -> None:
         try:
             async with self._writeback_limit:
                 await g.store.store(blob_path(h), data)
+            self.counters.writebacks += 1
+            log.debug("grid cache %s: wrote back blob %s", g.name, h, extra={"BLOB": h, "SOURCE": g.name})
         except StoreError as e:
-            log.warning("grid cache %s: write-back of %s failed: %s", g.name, h, e, extra={"BLOB": h})
+            self.counters.writeback_errors += 1
+            log.warning("grid cache %s: write-back of %s failed: %s", g.name, h, e,
+                        extra={"BLOB": h, "SOURCE": g.name})
+        finally:
+            if queued:
+                self._writeback_pending -= len(data)
+
+    async def drain(self) -> None:
+        """Wait until no write-back is queued (tests, shutdown)."""
+        while self._writeback_pending:
+            await trio.sleep(0.01)

@@ -12,22 +12,21 @@ while open files keep reading the blobs they were opened on.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import pyfuse3
-import trio
 
 from .cache import LocalCache
 from .config import AysConfig
+from .debugstore import PathState
 from .fetch import Fetcher, FetchError
+from .fs_debug import DebugWrites
+from .fuseguard import erofs, guarded
+from .nodes import MountPoint, Node, OpenFile
 from .ref import Ref
 from .tree import CHUNK_SIZE, KIND_DIR, KIND_FILE, KIND_LINK, Entry, TreeError, decode_dir
 
@@ -39,77 +38,8 @@ TOP_TIMEOUT = 1.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 DIR_CACHE = 8192  # decoded directory objects kept in memory
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-def guarded(fn: F) -> F:
-    """pyfuse3 ends the session on any exception but FUSEError: log it, answer EIO."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kw: Any) -> Any:
-        try:
-            return await fn(*args, **kw)
-        except pyfuse3.FUSEError:
-            raise
-        except trio.Cancelled:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s%r", fn.__name__, args[1:])
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def erofs(*_a: Any, **_k: Any) -> Awaitable[Any]:
-    async def fail() -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    return fail()
-
-
-@dataclass
-class MountPoint:
-    """One ays exposed as a top-level directory of the session."""
-
-    cfg: AysConfig
-    top_ino: int
-    ref: Ref | None = None
-    state: str = "starting"  # starting | up | error | stopping
-    error: str = ""
-    since: float = field(default_factory=time.time)
-    hits: int = 0
-    misses: int = 0
-    bytes_read: int = 0
-    bytes_by_tier: dict[str, int] = field(default_factory=lambda: {"local": 0, "grid": 0, "stor": 0})
-    prefetch: dict[str, object] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
-
-    def top_entry(self) -> Entry:
-        mtime = int((self.ref.time if self.ref else self.since) * 1e9)
-        return Entry(self.cfg.name, KIND_DIR, 0o755, 0, mtime, hash=self.ref.root if self.ref else "")
-
-
-@dataclass(slots=True)
-class Node:
-    ino: int
-    mount: MountPoint
-    entry: Entry
-    parent: int
-    lookups: int = 0
-    children: dict[str, int] | None = None
-
-
-@dataclass(slots=True)
-class OpenFile:
-    node: Node
-    entry: Entry
-
-
-class Operations(pyfuse3.Operations):
-    """Read-only operations over the trees of all mounts (debug writes come later)."""
+class Operations(DebugWrites, pyfuse3.Operations):
+    """Read-only operations over the trees of all mounts; writes only in debug mode (DebugWrites)."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -126,6 +56,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._dirs: OrderedDict[str, tuple[list[Entry], dict[str, int]]] = OrderedDict()
         self.started = time.time()
+        self._debug_mtimes = {}
         cache.set_pinned(self.pinned_blobs)
 
     # -- mounts -------------------------------------------------------------------------------
@@ -210,16 +141,45 @@ class Operations(pyfuse3.Operations):
                       extra={"AYSFS_MOUNT": node.mount.name, "AYS_ID": node.mount.cfg.id})
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    def _child(self, parent: Node, entry: Entry) -> Node:
+    def _child(self, parent: Node, entry: Entry, dbg: PathState | None = None,
+               tree_entry: Entry | None = None) -> Node:
         if parent.children is None:
             parent.children = {}
         ino = parent.children.get(entry.name)
         node = self.nodes.get(ino) if ino is not None else None
-        if node is None or node.entry != entry:
-            node = Node(self._new_ino(), parent.mount, entry, parent.ino)
+        if node is not None and (dbg is not None or node.dbg is not None) and node.entry.kind == entry.kind:
+            node.entry, node.dbg, node.tree_entry = entry, dbg, tree_entry  # an edited file keeps its inode
+        elif node is None or node.entry != entry:
+            path = f"{parent.path}/{entry.name}" if parent.path else entry.name
+            node = Node(self._new_ino(), parent.mount, entry, parent.ino, path, dbg=dbg, tree_entry=tree_entry)
             self.nodes[node.ino] = node
             parent.children[entry.name] = node.ino
         return node
+
+    def _debug_path(self, node: Node) -> bool:
+        """True for a path that debug mode lets the user edit on this node's mount."""
+        ov = node.mount.overlay
+        return ov is not None and ov.matches(node.path)
+
+    async def _entries(self, parent: Node) -> list[tuple[Entry, PathState | None, Entry | None]]:
+        """A directory's entries with the debug overlay applied: (entry, debug state, tree entry)."""
+        entries, _ = await self._dir_of(parent)
+        ov = parent.mount.overlay
+        if ov is None:
+            return [(e, None, None) for e in entries]
+        await ov.ensure_loaded()
+        out: list[tuple[Entry, PathState | None, Entry | None]] = []
+        prefix = parent.path + "/" if parent.path else ""
+        for e in entries:
+            st = ov.state(prefix + e.name)
+            if st is None or e.kind == KIND_DIR:
+                out.append((e, None, None))
+            elif not st.deleted:
+                out.append((self.debug_entry(e.name, st, e), st, e))
+        names = {e.name for e in entries}
+        for name, st in ov.new_children(parent.path, names):
+            out.append((self.debug_entry(name, st, None), st, None))
+        return out
 
     def _attr(self, ino: int, e: Entry, timeout: float = TREE_TIMEOUT) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -244,7 +204,12 @@ class Operations(pyfuse3.Operations):
         return self._attr(ROOT_INO, e, TOP_TIMEOUT)
 
     def _node_attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        timeout = TOP_TIMEOUT if node.ino == node.mount.top_ino else TREE_TIMEOUT
+        if node.ino == node.mount.top_ino:
+            timeout = TOP_TIMEOUT
+        elif node.mount.overlay is not None and self._debug_path(node):
+            timeout = 0.0  # editable: the kernel must ask every time
+        else:
+            timeout = TREE_TIMEOUT
         return self._attr(node.ino, node.entry, timeout)
 
     # -- FUSE handlers ------------------------------------------------------------------------
@@ -263,9 +228,12 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         entries, index = await self._dir_of(parent)
         i = index.get(sname)
-        if i is None:
+        if parent.mount.overlay is not None:
+            node = await self._debug_lookup(parent, sname, entries[i] if i is not None else None)
+        elif i is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        node = self._child(parent, entries[i])
+        else:
+            node = self._child(parent, entries[i])
         node.lookups += 1
         return self._node_attr(node)
 
@@ -311,10 +279,14 @@ class Operations(pyfuse3.Operations):
                 node.lookups += 1
             return
         parent = self._node(fh)
-        entries, _ = await self._dir_of(parent)
-        for i in range(start_id, len(entries)):
-            node = self._child(parent, entries[i])
-            name = entries[i].name.encode("utf-8", "surrogateescape")
+        if parent.mount.overlay is not None:
+            listing = await self._entries(parent)
+        else:
+            listing = [(e, None, None) for e in (await self._dir_of(parent))[0]]
+        for i in range(start_id, len(listing)):
+            entry, dbg, tree_entry = listing[i]
+            node = self._child(parent, entry, dbg, tree_entry)
+            name = entry.name.encode("utf-8", "surrogateescape")
             if not pyfuse3.readdir_reply(token, name, self._node_attr(node), i + 1):
                 return
             node.lookups += 1
@@ -333,20 +305,37 @@ class Operations(pyfuse3.Operations):
     @guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        if flags & WRITE_FLAGS:
-            raise pyfuse3.FUSEError(errno.EROFS)
         if node.entry.kind != KIND_FILE:
             raise pyfuse3.FUSEError(errno.EISDIR if node.entry.kind == KIND_DIR else errno.EINVAL)
+        editable = node.mount.overlay is not None and self._debug_path(node)
+        if flags & WRITE_FLAGS:
+            if not editable:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            of = await self._open_for_write(node, flags)
+        else:
+            of = OpenFile(node, node.entry, dbg=node.dbg)
         fh = self._next_fh
         self._next_fh += 1
-        self.open_files[fh] = OpenFile(node, node.entry)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        self.open_files[fh] = of
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not editable, direct_io=False)
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
         of = self.open_files.get(fh)
         if of is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if of.buf is not None:
+            return bytes(of.buf[off:off + size])
+        if of.dbg is not None:
+            data = await self._debug_content(of.node, of.dbg)
+            if data is not None:
+                return data[off:off + size]
+            if of.node.tree_entry is None:
+                raise pyfuse3.FUSEError(errno.EIO)
+            of.entry, of.dbg = of.node.tree_entry, None  # redis down: the published version
+        return await self._read_tree(of, off, size)
+
+    async def _read_tree(self, of: OpenFile, off: int, size: int) -> bytes:
         e, mp = of.entry, of.node.mount
         end = min(off + size, e.size)
         if off >= end:
@@ -384,11 +373,9 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def release(self, fh: int) -> None:
-        self.open_files.pop(fh, None)
-
-    @guarded
-    async def flush(self, fh: int) -> None:
-        return None
+        of = self.open_files.pop(fh, None)
+        if of is not None and of.dirty:
+            await self._commit(of)  # after a failed flush: one more try, errors only logged
 
     @guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -403,12 +390,6 @@ class Operations(pyfuse3.Operations):
         return s
 
     @guarded
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        if mode & os.W_OK:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        return True
-
-    @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         raise pyfuse3.FUSEError(errno.ENODATA)
 
@@ -416,10 +397,7 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return []
 
-    # everything that would change the tree
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = erofs  # type: ignore[assignment]
-    write = create = setxattr = removexattr = erofs  # type: ignore[assignment]
+    # everything that would change the tree (debug mode's writes are in DebugWrites)
+    mknod = mkdir = rmdir = symlink = link = setxattr = removexattr = erofs  # type: ignore[assignment]
 
-    @guarded
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
+

@@ -1,7 +1,9 @@
 """Prefetch: fill the local cache and/or the grid caches with a mount's whole tree.
 
-Runs in the background with a few workers only, so foreground reads (each a trio task of
-its own, unlimited) keep priority on the network and the loop.
+Runs in the background with a few workers only, and each worker waits while foreground
+reads are fetching from the network (`Fetcher.get(background=True)`), so readers come first.
+With `local`, every blob not in the local cache is fetched into it; with `grid`, every
+writable grid cache that does not have a blob (HEAD / stat) gets it written.
 """
 
 from __future__ import annotations
@@ -86,21 +88,40 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
             on_progress(p)
 
     async def one(h: str, size: int) -> None:
+        data: bytes | None = None
         if local and not ops.cache.has(h):
-            await fetcher.get(h, local=True, grid=mp.cfg.cache_grid)
+            # with `grid` the blob is written to the grid caches below, not also by write-back
+            data = await fetcher.get(h, local=True, grid=mp.cfg.cache_grid and not grid, background=True)
             p.fetched_blobs += 1
-            p.fetched_bytes += size
+            p.fetched_bytes += len(data)
         if grid:
-            data: bytes | None = None
-            for g in fetcher.grid:
+            rel = blob_path(h)
+            for g in list(fetcher.grid):
                 if not g.writable or g.is_down():
                     continue
-                rel = blob_path(h)
-                if await trio.to_thread.run_sync(g.store.exists, rel, abandon_on_cancel=True):
-                    continue
-                if data is None:
-                    data = await fetcher.get(h, local=local or mp.cfg.cache_local, grid=False)
-                await g.store.store(rel, data)
+                try:
+                    if await g.store.contains(rel):
+                        continue
+                    if data is None:
+                        # grid=False: written right here, not also by the fetcher's write-back
+                        data = await fetcher.get(h, local=local or mp.cfg.cache_local, grid=False,
+                                                 background=True)
+                        p.fetched_blobs += 1
+                        p.fetched_bytes += len(data)
+                    await g.store.store(rel, data)
+                except StoreError as e:
+                    g.mark_down(f"prefetch: {e}", h)  # the other blobs skip it
+                    raise
+
+    warned = False
+
+    def check_size() -> None:
+        nonlocal warned
+        if local and not warned and p.bytes_total > ops.cache.limit:
+            warned = True
+            log.warning("prefetch %s: the tree (%d bytes so far) is larger than the local cache (%d bytes): "
+                        "its first blobs will be evicted", mp.name, p.bytes_total, ops.cache.limit,
+                        extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
 
     async def worker(recv: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
         async with recv:
@@ -113,6 +134,7 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
                                 extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id, "BLOB": h})
                 p.blobs_done += 1
                 p.bytes_done += size
+                check_size()
                 tick()
 
     try:

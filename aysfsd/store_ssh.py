@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 import paramiko
 import trio
 
-from .stores import StoreError, _check_rel
+from .stores import StoreError, StoreTimeout, _check_rel
 
 log = logging.getLogger("aysfsd.ssh")
 
@@ -195,7 +195,8 @@ class SshStore:
                 how = f"key {self.key}" if self.key else "default keys/agent"
                 raise StoreError(f"{where}: ssh authentication failed for {who} with {how}: {_describe(e)}") from e
             if isinstance(e, OSError | EOFError | paramiko.SSHException):
-                raise StoreError(f"{where}: cannot connect to ssh server {who}: {_describe(e)}") from e
+                err = StoreTimeout if isinstance(e, TimeoutError) else StoreError
+                raise err(f"{where}: cannot connect to ssh server {who}: {_describe(e)}") from e
             raise
         log.debug("%s: connected to %s", self.url, who)
         with self._cond:
@@ -284,7 +285,8 @@ class SshStore:
                 if reused and attempt == 0 and not isinstance(e, TimeoutError):
                     log.debug("%s: %s %s: stale connection (%s), reconnecting", self.url, op, rel, _describe(e))
                     continue
-                raise StoreError(f"{self.url}: {op} {rel}: ssh connection failed: {_describe(e)}") from e
+                err = StoreTimeout if isinstance(e, TimeoutError) else StoreError
+                raise err(f"{self.url}: {op} {rel}: ssh connection failed: {_describe(e)}") from e
             self._checkin(conn, healthy=True)
             return result
         raise AssertionError("unreachable")
@@ -409,6 +411,10 @@ class SshStore:
     async def store(self, rel: str, data: bytes) -> None:
         """Async write in a worker thread."""
         await trio.to_thread.run_sync(self.write, rel, data, limiter=self._threads(), abandon_on_cancel=True)
+
+    async def contains(self, rel: str) -> bool:
+        """Async exists in a worker thread."""
+        return await trio.to_thread.run_sync(self.exists, rel, limiter=self._threads(), abandon_on_cancel=True)
 
     async def aclose(self) -> None:
         """Async close."""

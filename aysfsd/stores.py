@@ -10,20 +10,28 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
 import trio
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
     """A store could not be reached or answered with an error (not "not found")."""
 
 
+class StoreTimeout(StoreError):
+    """A store did not answer within its per-request timeout (not worth retrying at once)."""
+
+
 class Store(Protocol):
     url: str
+    timeout: float  # seconds one request may take (the fetcher bounds each request by it)
 
     def read(self, rel: str) -> bytes | None: ...
     def write(self, rel: str, data: bytes) -> None: ...
@@ -31,6 +39,7 @@ class Store(Protocol):
     def close(self) -> None: ...
     async def fetch(self, rel: str) -> bytes | None: ...
     async def store(self, rel: str, data: bytes) -> None: ...
+    async def contains(self, rel: str) -> bool: ...
     async def aclose(self) -> None: ...
 
 
@@ -44,11 +53,11 @@ def _check_rel(rel: str) -> str:
 class DirStore:
     """A stor or grid cache in a local (or NFS) directory; writes are temp file + rename."""
 
-    _limiter: trio.CapacityLimiter | None = None
-
-    def __init__(self, root: str, url: str | None = None) -> None:
+    def __init__(self, root: str, url: str | None = None, timeout: float = 10.0) -> None:
         self.root = Path(root)
         self.url = url or root
+        self.timeout = timeout  # a hung NFS server: the worker thread is abandoned after this
+        self._limiter: trio.CapacityLimiter | None = None
 
     def _abs(self, rel: str) -> Path:
         return self.root / _check_rel(rel)
@@ -86,24 +95,39 @@ class DirStore:
     def close(self) -> None:
         pass
 
-    @classmethod
-    def _threads(cls) -> trio.CapacityLimiter:
-        if cls._limiter is None:
-            cls._limiter = trio.CapacityLimiter(16)
-        return cls._limiter
+    def _threads(self) -> trio.CapacityLimiter:
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(16)
+        return self._limiter
+
+    async def _in_thread(self, op: str, rel: str, fn: Callable[[], T]) -> T:
+        """Run a blocking file operation in a worker thread, bounded by `timeout` (a hung NFS
+        server): the thread is abandoned and StoreTimeout raised."""
+        try:
+            with trio.fail_after(self.timeout):
+                return await trio.to_thread.run_sync(fn, limiter=self._threads(), abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise StoreTimeout(f"{self.url}: {op} {rel}: no answer within {self.timeout:g}s") from None
 
     async def fetch(self, rel: str) -> bytes | None:
-        return await trio.to_thread.run_sync(self.read, rel, limiter=self._threads(), abandon_on_cancel=True)
+        return await self._in_thread("reading", rel, lambda: self.read(rel))
 
     async def store(self, rel: str, data: bytes) -> None:
-        await trio.to_thread.run_sync(self.write, rel, data, limiter=self._threads(), abandon_on_cancel=True)
+        await self._in_thread("writing", rel, lambda: self.write(rel, data))
+
+    async def contains(self, rel: str) -> bool:
+        return await self._in_thread("checking", rel, lambda: self.exists(rel))
 
     async def aclose(self) -> None:
         pass
 
 
 def _client_kwargs(timeout: float, proxy: str | None) -> dict[str, object]:
-    kw: dict[str, object] = {"timeout": httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+    # `timeout` bounds each phase (connect, each read or write of the body), not a whole
+    # transfer: many concurrent 4 MiB chunks on a slow link are slow, not dead. Waiting for a
+    # pooled connection is unbounded here (the fetcher's fetch_timeout bounds it): queueing
+    # behind our own requests must not mark a healthy server down.
+    kw: dict[str, object] = {"timeout": httpx.Timeout(timeout, connect=min(timeout, 5.0), pool=None),
                              "follow_redirects": True, "trust_env": False}
     if proxy:
         # httpx >= 0.26 takes `proxy`; Debian 12's 0.23 only `proxies`.
@@ -111,11 +135,19 @@ def _client_kwargs(timeout: float, proxy: str | None) -> dict[str, object]:
     return kw
 
 
+def _http_error(where: str, e: httpx.HTTPError) -> StoreError:
+    if isinstance(e, httpx.TimeoutException):
+        return StoreTimeout(f"{where}: timed out ({type(e).__name__})")
+    return StoreError(f"{where}: {e!r}")
+
+
 class HttpStore:
     """A stor or grid cache on an HTTP(S) server: GET to read, PUT to write (WebDAV PUT)."""
 
     def __init__(self, url: str, timeout: float = 10.0, proxy: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.proxy = proxy
         self._kw = _client_kwargs(timeout, proxy)
         self._sync: httpx.Client | None = None
         self._async: httpx.AsyncClient | None = None
@@ -124,15 +156,25 @@ class HttpStore:
         # file names hold '%' (escaped ays ids): encode it, so the server maps the URL to that name
         return f"{self.url}/{quote(_check_rel(rel), safe='/')}"
 
+    def _no_client(self, e: ImportError) -> StoreError:
+        # e.g. a socks5:// proxy without the optional socksio package
+        return StoreError(f"{self.url}: cannot use proxy {self.proxy}: {e}")
+
     def _client(self) -> httpx.Client:
         if self._sync is None:
-            self._sync = httpx.Client(**self._kw)  # type: ignore[arg-type]
+            try:
+                self._sync = httpx.Client(**self._kw)  # type: ignore[arg-type]
+            except ImportError as e:
+                raise self._no_client(e) from e
         return self._sync
 
     def _aclient(self) -> httpx.AsyncClient:
         if self._async is None:
             limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
-            self._async = httpx.AsyncClient(limits=limits, **self._kw)  # type: ignore[arg-type]
+            try:
+                self._async = httpx.AsyncClient(limits=limits, **self._kw)  # type: ignore[arg-type]
+            except ImportError as e:
+                raise self._no_client(e) from e
         return self._async
 
     def _answer(self, rel: str, r: httpx.Response) -> bytes | None:
@@ -146,24 +188,26 @@ class HttpStore:
         try:
             return self._answer(rel, self._client().get(self._u(rel)))
         except httpx.HTTPError as e:
-            raise StoreError(f"{self.url}: GET {rel}: {e!r}") from e
+            raise _http_error(f"{self.url}: GET {rel}", e) from e
 
     def write(self, rel: str, data: bytes) -> None:
         try:
             r = self._client().put(self._u(rel), content=data)
         except httpx.HTTPError as e:
-            raise StoreError(f"{self.url}: PUT {rel}: {e!r}") from e
+            raise _http_error(f"{self.url}: PUT {rel}", e) from e
         if r.status_code not in (200, 201, 204):
             raise StoreError(f"{self.url}: PUT {rel}: HTTP {r.status_code} (does the server accept PUT?)")
 
-    def exists(self, rel: str) -> bool:
-        try:
-            r = self._client().head(self._u(rel))
-        except httpx.HTTPError as e:
-            raise StoreError(f"{self.url}: HEAD {rel}: {e!r}") from e
+    def _head_answer(self, rel: str, r: httpx.Response) -> bool:
         if r.status_code not in (200, 404):
             raise StoreError(f"{self.url}: HEAD {rel}: HTTP {r.status_code}")
         return r.status_code == 200
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return self._head_answer(rel, self._client().head(self._u(rel)))
+        except httpx.HTTPError as e:
+            raise _http_error(f"{self.url}: HEAD {rel}", e) from e
 
     def close(self) -> None:
         if self._sync is not None:
@@ -174,15 +218,21 @@ class HttpStore:
         try:
             return self._answer(rel, await self._aclient().get(self._u(rel)))
         except httpx.HTTPError as e:
-            raise StoreError(f"{self.url}: GET {rel}: {e!r}") from e
+            raise _http_error(f"{self.url}: GET {rel}", e) from e
 
     async def store(self, rel: str, data: bytes) -> None:
         try:
             r = await self._aclient().put(self._u(rel), content=data)
         except httpx.HTTPError as e:
-            raise StoreError(f"{self.url}: PUT {rel}: {e!r}") from e
+            raise _http_error(f"{self.url}: PUT {rel}", e) from e
         if r.status_code not in (200, 201, 204):
             raise StoreError(f"{self.url}: PUT {rel}: HTTP {r.status_code}")
+
+    async def contains(self, rel: str) -> bool:
+        try:
+            return self._head_answer(rel, await self._aclient().head(self._u(rel)))
+        except httpx.HTTPError as e:
+            raise _http_error(f"{self.url}: HEAD {rel}", e) from e
 
     async def aclose(self) -> None:
         if self._async is not None:
@@ -198,12 +248,12 @@ def open_store(url: str, *, timeout: float = 10.0, proxy: str | None = None,
     if parts.scheme in ("http", "https"):
         return HttpStore(url, timeout=timeout, proxy=proxy)
     if parts.scheme == "file":
-        return DirStore(parts.path, url)
+        return DirStore(parts.path, url, timeout=timeout)
     if parts.scheme == "ssh":
         from .store_ssh import SshStore
 
         return SshStore(url, timeout=timeout, key=ssh_key, known_hosts=ssh_known_hosts,
                         accept_unknown_host=ssh_accept_unknown_host)
     if parts.scheme == "":
-        return DirStore(url)
+        return DirStore(url, timeout=timeout)
     raise ValueError(f"unsupported store URL {url!r}: use http(s)://, ssh://, file:// or a directory path")

@@ -1,0 +1,178 @@
+"""aysctl's control subcommands: status, reload, cache purge, prefetch and debug tail.
+
+Each takes the parsed argparse namespace (``socket``, ``config``, ``json`` plus its own options)
+and returns the exit code; errors are printed as ``aysctl: <message>`` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from aysctl import render
+from aysctl.client import ControlError, Reply, call, find_socket, request
+
+READ_TIMEOUT = 30.0  # seconds without a reply line before a request fails
+PREFETCH_READ_TIMEOUT = 300.0  # between two prefetch events (one big blob may take a while)
+EXIT_INTERRUPTED = 130
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def control(func: Command) -> Command:
+    """Turn ControlError, Ctrl-C and a closed stdout pipe into a message and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ControlError as e:
+            if getattr(args, "json", False) and e.reply is not None:
+                _print_json(e.reply)
+            print(f"aysctl: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print("aysctl: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:  # e.g. `aysctl debug tail -f | head`: the reader is gone
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
+            except (OSError, ValueError):
+                pass
+            return 0
+
+    return wrapper
+
+
+def _socket(args: argparse.Namespace) -> str:
+    return find_socket(getattr(args, "socket", None), getattr(args, "config", None))
+
+
+def _print_json(obj: Any, indent: int | None = 2) -> None:
+    print(json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+def _tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+@control
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the daemon, its mounts, the local cache and the sources."""
+    st = call(_socket(args), {"cmd": "status"}, READ_TIMEOUT)
+    if args.json:
+        _print_json(st)
+    elif _tty():
+        render.print_status(_console(), st)
+    else:
+        for line in render.status_plain(st):
+            print(line)
+        if err := render.config_error(st):
+            print(f"{render.CONFIG_ERROR_HEADING}:\n{err}", file=sys.stderr)
+    return 0
+
+
+@control
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the daemon to re-read its config file."""
+    try:
+        final = call(_socket(args), {"cmd": "reload"}, READ_TIMEOUT)
+    except ControlError as e:
+        if e.code != "failed":
+            raise
+        raise ControlError(f"reload failed, the previous config is still running:\n{e}",
+                           e.exit_code, e.code, e.reply) from None
+    if args.json:
+        _print_json(final)
+    else:
+        print("reloaded")
+    return 0
+
+
+@control
+def cmd_cache_purge(args: argparse.Namespace) -> int:
+    """Drop cached blobs: all of them, or those of one ays."""
+    req: dict[str, Any] = {"cmd": "cache.purge"}
+    if args.ays:
+        req["ays"] = args.ays
+    final = call(_socket(args), req, READ_TIMEOUT)
+    if args.json:
+        _print_json(final)
+    else:
+        where = f" of {args.ays}" if args.ays else ""
+        print(f"purged the cache{where}: freed {render.human_bytes(final.get('freed_bytes', 0))} "
+              f"({render.as_int(final.get('blobs'))} blobs)")
+    return 0
+
+
+@control
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    """Fetch a whole ays tree into the local cache (the default) and/or the grid caches."""
+    local, grid = bool(args.local), bool(args.grid)
+    if not local and not grid:
+        local = True
+    req = {"cmd": "prefetch", "ays": args.ays, "local": local, "grid": grid}
+    path = _socket(args)
+    final: Reply
+    if not args.json and _tty():
+        final = {}
+        into = " and ".join(name for name, on in (("local cache", local), ("grid caches", grid)) if on)
+        with render.PrefetchProgress(_console(), f"prefetching {args.ays} into the {into}") as bar:
+            for msg in request(path, req, PREFETCH_READ_TIMEOUT):
+                if msg.get("event") == "progress":
+                    bar.update(msg)
+                elif "ok" in msg:
+                    final = msg
+    else:
+        final = call(path, req, PREFETCH_READ_TIMEOUT)
+    if args.json:
+        _print_json(final)
+    else:
+        print(render.prefetch_summary(final))
+    errors = render.as_int(final.get("errors"))
+    if errors:
+        print(f"aysctl: {errors} errors while prefetching {args.ays}; see: aysctl debug tail", file=sys.stderr)
+        return 1
+    return 0
+
+
+@control
+def cmd_debug_tail(args: argparse.Namespace) -> int:
+    """Print the daemon's recent log lines (debug level included); with -f keep following."""
+    req: dict[str, Any] = {"cmd": "log.tail", "lines": args.lines, "follow": bool(args.follow), "debug": True}
+    if args.mount:
+        req["mount"] = args.mount
+    console = _console() if not args.json and _tty() else None
+    try:
+        for msg in request(_socket(args), req, None if args.follow else READ_TIMEOUT):
+            if msg.get("event") != "log":
+                continue
+            if args.json:
+                print(json.dumps(msg, ensure_ascii=False), flush=True)
+            elif console is not None:
+                console.print(render.log_text(msg), soft_wrap=True)
+            else:
+                print(render.log_plain(msg), flush=True)
+    except KeyboardInterrupt:
+        if args.follow:
+            return 0  # Ctrl-C is how one stops following
+        raise
+    return 0
+
+
+__all__ = ["cmd_cache_purge", "cmd_debug_tail", "cmd_prefetch", "cmd_reload", "cmd_status", "control"]

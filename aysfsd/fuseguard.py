@@ -1,0 +1,42 @@
+"""Every FUSE handler behind a guard: pyfuse3 ends the whole session on any exception but
+FUSEError, so anything unexpected is logged with context and answered with EIO."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+log = logging.getLogger("aysfsd.fs")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def guarded(fn: F) -> F:
+    """pyfuse3 ends the session on any exception but FUSEError: log it, answer EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kw: Any) -> Any:
+        try:
+            return await fn(*args, **kw)
+        except pyfuse3.FUSEError:
+            raise
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[1:])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def erofs(*_a: Any, **_k: Any) -> Awaitable[Any]:
+    async def fail() -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return fail()

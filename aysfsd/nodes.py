@@ -1,0 +1,63 @@
+"""What the FUSE operations keep per mount, per inode and per open file."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .config import AysConfig
+from .debugstore import PathState
+from .ref import Ref
+from .tree import KIND_DIR, Entry
+
+if TYPE_CHECKING:
+    from .debug import DebugOverlay
+
+
+@dataclass
+class MountPoint:
+    """One ays exposed as a top-level directory of the session."""
+
+    cfg: AysConfig
+    top_ino: int
+    ref: Ref | None = None
+    state: str = "starting"  # starting | up | error | stopping
+    error: str = ""
+    since: float = field(default_factory=time.time)
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    bytes_by_tier: dict[str, int] = field(default_factory=lambda: {"local": 0, "grid": 0, "stor": 0})
+    prefetch: dict[str, object] | None = None
+    overlay: DebugOverlay | None = None  # debug mode
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def top_entry(self) -> Entry:
+        mtime = int((self.ref.time if self.ref else self.since) * 1e9)
+        return Entry(self.cfg.name, KIND_DIR, 0o755, 0, mtime, hash=self.ref.root if self.ref else "")
+
+
+@dataclass(slots=True)
+class Node:
+    ino: int
+    mount: MountPoint
+    entry: Entry
+    parent: int
+    path: str = ""  # relative to the mount root
+    lookups: int = 0
+    children: dict[str, int] | None = None
+    dbg: PathState | None = None  # debug mode: the edited version this node shows
+    tree_entry: Entry | None = None  # debug mode: the published entry under an edited one
+
+
+@dataclass(slots=True)
+class OpenFile:
+    node: Node
+    entry: Entry
+    dbg: PathState | None = None
+    buf: bytearray | None = None  # debug mode: content being written
+    dirty: bool = False
