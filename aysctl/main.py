@@ -10,6 +10,7 @@ from aysctl.client import DEFAULT_CONFIG, DEFAULT_SOCKET
 from aysctl.debugpull import cmd_debug_pull
 from aysfsd.config import ConfigError, load
 from aysfsd.publish import Publisher
+from aysfsd.signing import keygen, load_private
 from aysfsd.stores import StoreError, open_store
 
 
@@ -17,7 +18,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     store = open_store(args.stor, ssh_key=args.ssh_key, ssh_known_hosts=args.ssh_known_hosts,
                        ssh_accept_unknown_host=args.ssh_accept_unknown_host)
     try:
-        res = Publisher(store).publish(args.src, args.ays)
+        key = load_private(args.sign_key) if args.sign_key else None
+        res = Publisher(store).publish(args.src, args.ays, sign_key=key)
     except (StoreError, OSError, ValueError) as e:
         print(f"aysctl publish: {e}", file=sys.stderr)
         return 1
@@ -30,6 +32,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
           f"{res.skipped_blobs} already in the stor")
     for p in res.skipped_special:
         print(f"skipped (not a file, dir or symlink): {p}", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        pub = keygen(args.key)
+    except OSError as e:
+        print(f"aysctl keygen: {args.key}: {e.strerror}", file=sys.stderr)
+        return 1
+    print(f"private key: {args.key} (keep it secret: it can publish)")
+    print(f"public key:  {args.key}.pub")
+    print(f'trust it in aysfs.toml: [main] trusted_keys = ["{pub}"]')
     return 0
 
 
@@ -84,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--ssh-known-hosts", help="known_hosts file for ssh:// stors")
     pub.add_argument("--ssh-accept-unknown-host", action="store_true",
                      help="accept an ssh host key not in known_hosts (insecure)")
+    pub.add_argument("--sign-key", metavar="KEY", help="sign the ref with this Ed25519 key (aysctl keygen)")
     pub.set_defaults(func=cmd_publish)
+
+    kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing refs")
+    kg.add_argument("key", metavar="FILE", help="private key file to create (the public key goes to FILE.pub)")
+    kg.set_defaults(func=cmd_keygen)
 
     cfg = sub.add_parser("config", help="configuration tools")
     csub = cfg.add_subparsers(dest="config_cmd", required=True)

@@ -20,6 +20,8 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
+from .signing import check_public
+
 GiB = 1024**3
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -61,6 +63,7 @@ class AysConfig:
     prefetch_local: bool = False
     prefetch_grid: bool = False
     debug: bool = False
+    trusted_keys: tuple[str, ...] | None = None  # None: [main] trusted_keys apply
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class MainConfig:
     fuse_root: str = "/run/aysfs/root"
     fetch_timeout: float = 30.0
     log_level: str = "info"
+    trusted_keys: tuple[str, ...] = ()  # refs must be signed by one of these (none: unsigned accepted)
 
 
 @dataclass(frozen=True)
@@ -418,10 +422,12 @@ class _Table:
         return v
 
 
-_MAIN_KEYS = ("id", "cache_dir", "cache_size", "control_socket", "fuse_root", "fetch_timeout", "log_level")
+_MAIN_KEYS = ("id", "cache_dir", "cache_size", "control_socket", "fuse_root", "fetch_timeout", "log_level",
+              "trusted_keys")
 _STOR_KEYS = ("url", "cache.expiration", "timeout", "proxy", "ssh.key", "ssh.known_hosts", "ssh.accept_unknown_host")
 _CACHE_KEYS = ("mnt", "timeout", "proxy", "writable")
-_AYS_KEYS = ("id", "mnt", "name", "cache.local", "cache.grid", "prefetch.cache.local", "prefetch.cache.grid", "debug")
+_AYS_KEYS = ("id", "mnt", "name", "cache.local", "cache.grid", "prefetch.cache.local", "prefetch.cache.grid", "debug",
+             "trusted_keys")
 _DEBUG_KEYS = ("debug_filter", "redis.addr", "redis.port", "redis.passwd", "redis.db")
 _TOP_KEYS = {"main": _MAIN_KEYS, "stor": _STOR_KEYS, "cache": _CACHE_KEYS, "ays": _AYS_KEYS, "debug": _DEBUG_KEYS}
 
@@ -453,7 +459,34 @@ def _main(t: _Table) -> MainConfig:
         control_socket=t.abs_path("control_socket", d.control_socket),
         fuse_root=t.abs_path("fuse_root", d.fuse_root),
         fetch_timeout=t.seconds("fetch_timeout", d.fetch_timeout), log_level=level.lower(),
+        trusted_keys=_trusted_keys(t) or (),
     )
+
+
+def _trusted_keys(t: _Table) -> tuple[str, ...] | None:
+    """`trusted_keys`: Ed25519 public keys (base64, as `aysctl keygen` prints) or paths of .pub files."""
+    raw = t.values.get("trusted_keys")
+    if raw is None:
+        return None
+    fix = 'write e.g. trusted_keys = ["/etc/aysfs/keys/release.pub"] or the base64 key itself'
+    if not isinstance(raw, list) or not all(isinstance(k, str) for k in raw):
+        t.err("trusted_keys", f"expected an array of strings, got {_show(raw)}", fix)
+        return None
+    keys = []
+    for k in raw:
+        text = k
+        if k.startswith("/"):
+            try:
+                with open(k) as f:
+                    text = f.read()
+            except OSError as e:
+                t.err("trusted_keys", f"cannot read {k}: {e.strerror}", fix)
+                continue
+        try:
+            keys.append(check_public(text))
+        except ValueError:
+            t.err("trusted_keys", f"{k!r:.60} is not an Ed25519 public key (base64 of 32 bytes)", fix)
+    return tuple(keys)
 
 
 def _stor(t: _Table) -> StorConfig | None:
@@ -507,6 +540,7 @@ def _ays(t: _Table) -> AysConfig | None:
         cache_local=t.boolean("cache.local", True), cache_grid=t.boolean("cache.grid", True),
         prefetch_local=t.boolean("prefetch.cache.local", False),
         prefetch_grid=t.boolean("prefetch.cache.grid", False), debug=t.boolean("debug", False),
+        trusted_keys=_trusted_keys(t),
     )
     return a if ident and mnt else None
 

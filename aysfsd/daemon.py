@@ -31,7 +31,7 @@ from .debugstore import DebugStoreError
 from .fetch import Fetcher, Source
 from .fs import MountPoint, Operations
 from .layout import ref_path
-from .ref import Ref, RefError, decode_ref
+from .ref import Ref, RefError, decode_ref, verify
 from .stores import StoreError, open_store
 from .watch import watch_config
 
@@ -73,6 +73,7 @@ class Daemon:
         self._retry: dict[str, trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None
         self.started = time.time()
+        self._warned_unsigned: set[str] = set()
         self.debug_log = self._debug_log
 
     # -- refs ---------------------------------------------------------------------------------
@@ -90,7 +91,13 @@ class Daemon:
                     problems.append(f"{src.name}: no ref")
                     continue
                 ref = decode_ref(raw, ays_id)
-            except (StoreError, RefError, trio.TooSlowError) as e:
+                self._check_trust(mp, ref)
+            except RefError as e:
+                log.error("mount %s: refused the ref from %s: %s", mp.name, src.name, e,
+                          extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id, "SOURCE": src.name})
+                problems.append(f"{src.name}: {e}")
+                continue
+            except (StoreError, trio.TooSlowError) as e:
                 problems.append(f"{src.name}: {e or 'timed out'}")
                 continue
             last = self._last_good(ays_id)
@@ -98,6 +105,13 @@ class Daemon:
                 await trio.to_thread.run_sync(self.cache.put_meta, f"ref:{ays_id}", ref.encode())
             return ref
         last = self._last_good(ays_id)
+        trusted = mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys
+        if last is not None and trusted:
+            try:
+                verify(last, list(trusted))
+            except RefError as e:
+                problems.append(f"last good version: {e}")
+                last = None
         if last is not None:
             if self.fetcher.stors:
                 log.warning("mount %s: no stor answered for %s (%s); using the last good version %s",
@@ -105,6 +119,21 @@ class Daemon:
                             extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id})
             return last
         raise LookupError("; ".join(problems) or "no stors configured")
+
+    def _check_trust(self, mp: MountPoint, ref: Ref) -> None:
+        """Signature (when keys are configured) and rollback checks; RefError when refused."""
+        trusted = mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys
+        if trusted:
+            verify(ref, list(trusted))
+        elif mp.name not in self._warned_unsigned:
+            self._warned_unsigned.add(mp.name)
+            log.warning("mount %s: no trusted_keys configured: %s is authenticated only by its hashes, "
+                        "not by a signature", mp.name, mp.cfg.id, extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+        last = self._last_good(mp.cfg.id)
+        if last is not None and (ref.revision < last.revision or
+                                 (ref.revision == last.revision and ref.root != last.root)):
+            raise RefError(f"rollback refused: revision {ref.revision} (root {ref.root[:12]}) is not newer than "
+                           f"the accepted revision {last.revision} (root {last.root[:12]})")
 
     def _last_good(self, ays_id: str) -> Ref | None:
         raw = self.cache.get_meta(f"ref:{ays_id}")

@@ -8,8 +8,10 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from .layout import blob_path, ref_path
-from .ref import Ref, decode_ref, new_ref
+from .ref import Ref, decode_ref, new_ref, public_key_text, sign
 from .stores import Store
 from .tree import CHUNK_SIZE, KIND_DIR, KIND_FILE, KIND_LINK, Entry, check_name, encode_dir
 
@@ -96,7 +98,7 @@ class Publisher:
         self._upload(h, data)
         return h
 
-    def publish(self, src: str, ays_id: str) -> PublishResult:
+    def publish(self, src: str, ays_id: str, sign_key: Ed25519PrivateKey | None = None) -> PublishResult:
         if not os.path.isdir(src):
             raise NotADirectoryError(f"{src}: not a directory")
         root = self._dir(src)
@@ -104,10 +106,13 @@ class Publisher:
         rel = ref_path(ays_id)
         raw = self.store.read(rel)
         old = decode_ref(raw, ays_id) if raw is not None else None
-        if old is not None and old.root == root:
+        key_text = public_key_text(sign_key.public_key()) if sign_key is not None else ""
+        if old is not None and old.root == root and (sign_key is None or old.key == key_text):
             self.result.ref = old
         else:
             ref = new_ref(ays_id, root, old)
+            if sign_key is not None:
+                ref = sign(ref, sign_key)
             self.store.write(rel, ref.encode())
             self.result.ref = ref
             self.result.ref_changed = True
