@@ -6,6 +6,7 @@ Everything lives under /tmp/aysfs-demo (removed and recreated on each run).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -122,10 +123,14 @@ mnt = "{mnt}"
               f"sha256 {'matches' if ok else 'DIFFERS'}")
         t, _ = timed_read(mnt / "big.bin")
         print(f"big.bin once more: {12 / t:.0f} MiB/s from the kernel page cache")
-        say("status")
-        if (BIN / "aysctl").exists():
-            r = subprocess.run([str(BIN / "aysctl"), "--config", str(cfg), "status"], capture_output=True, text=True)
-            print(r.stdout.rstrip() or r.stderr.rstrip())
+        say("status (aysctl status; a table on a terminal)")
+        subprocess.run([str(BIN / "aysctl"), "--config", str(cfg), "status"])
+        r = subprocess.run([str(BIN / "aysctl"), "--config", str(cfg), "status", "--json"],
+                           capture_output=True, text=True, check=True)
+        st = json.loads(r.stdout)
+        tiers = st["mounts"][0]["bytes_by_tier"]
+        print(f"bytes served to readers by tier: from the stor {tiers['stor']:,}, "
+              f"from the local cache {tiers['local']:,} (the page cache serves the rest without asking aysfsd)")
     finally:
         say("stop aysfsd (SIGTERM unmounts)")
         proc.send_signal(signal.SIGTERM)
