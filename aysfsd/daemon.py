@@ -38,6 +38,7 @@ from .watch import watch_config
 log = logging.getLogger("aysfsd")
 
 RETRY_SECONDS = 5.0
+READ_AHEAD_KB = 4096  # one chunk: sequential reads come in large requests
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Daemon:
         self.nursery: trio.Nursery | None = None
         self.started = time.time()
         self._warned_unsigned: set[str] = set()
+        self._read_ahead_set = False
         self.debug_log = self._debug_log
 
     # -- refs ---------------------------------------------------------------------------------
@@ -190,6 +192,9 @@ class Daemon:
         if sysmount.is_mounted(mp.cfg.mnt):
             sysmount.cleanup_stale([mp.cfg.mnt])
         await sysmount.bind(os.path.join(self.fuse_root, mp.name), mp.cfg.mnt, read_only=not mp.cfg.debug)
+        if not self._read_ahead_set:
+            # after FUSE INIT (a bind mount needed it), which caps read-ahead at the 128 KiB default
+            self._read_ahead_set = sysmount.set_read_ahead(self.fuse_root, READ_AHEAD_KB)
         mp.state, mp.error = "up", ""
         self.start_prefetch(mp)
         log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
