@@ -32,11 +32,10 @@ _U64 = struct.Struct("<Q")
 _SIZE_KEY = b"size"
 LOW_WATER = 0.9  # evict down to this fraction of the bound
 # A blob larger than the headroom between the bound and the low-water mark (10% of the
-# bound) is not stored: keeping it would evict a large share of the cache for one blob, and
-# a tiny cache would evict everything for every 4 MiB chunk it reads (thrashing). Such blobs
-# are served from the fetcher's memory LRU instead; with the default 10 GiB bound only
-# blobs over 1 GiB (never: chunks are at most 4 MiB) are affected.
-MAX_BLOB_FRACTION = 1 - LOW_WATER
+# bound, `max_blob`) is not stored: keeping it would evict a large share of the cache for
+# one blob, and a tiny cache would evict everything for every 4 MiB chunk read (thrashing).
+# Such blobs are served from the fetcher's memory LRU instead; with the default 10 GiB
+# bound no blob is affected (chunks are at most 4 MiB).
 
 
 @dataclass
@@ -59,7 +58,7 @@ class LocalCache:
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
         self.limit = limit
-        self.max_blob = int(limit * MAX_BLOB_FRACTION)
+        self.max_blob = limit - self._low_water(0)  # 10% of the bound
         # map_size is address space only; leave room for LMDB's own pages and free list.
         if map_size is None:
             map_size = max(limit * 2 + (256 << 20), 1 << 30)
@@ -75,6 +74,8 @@ class LocalCache:
         self.evicted_blobs = 0
         self.evicted_bytes = 0
         self.skipped_blobs = 0  # puts refused: too large, cache full of pinned blobs, map full
+        if self.size() > limit:  # the bound was lowered since the last run
+            self.evict(self._low_water(0))
 
     def set_pinned(self, fn: Callable[[], Iterable[str]]) -> None:
         """`fn` returns hashes that open readers are using: never evicted.
@@ -86,6 +87,10 @@ class LocalCache:
     def close(self) -> None:
         self.flush()
         self.env.close()
+
+    def _low_water(self, room: int) -> int:
+        """Bytes to evict down to so that `room` more bytes fit under LOW_WATER of the bound."""
+        return self.limit * int(LOW_WATER * 1000) // 1000 - room
 
     def _stamp_locked(self) -> int:
         t = max(time.time_ns(), self._clock + 1)
@@ -151,9 +156,23 @@ class LocalCache:
                 txn.put(k, _U64.pack(t), db=self.atime)
 
     def flush(self) -> None:
-        """Write the batched access stamps."""
-        with self.env.begin(write=True, buffers=True) as txn:
-            self._flush_touched(txn)
+        """Write the batched access stamps (with a full map they are dropped: LRU precision only)."""
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                self._flush_touched(txn)
+        except lmdb.MapFullError:
+            self._make_room()
+
+    def _make_room(self) -> int:
+        """After MapFullError: evict half of the blob bytes (deletes fit in a full map, and
+        their pages are reused by the next transactions). Returns bytes freed."""
+        try:
+            freed = self.evict(self.size() // 2)
+        except lmdb.MapFullError:
+            freed = 0
+        log.warning("local cache: LMDB map full (%d bytes); evicted %d bytes of least-recently-used blobs",
+                    self.env.info()["map_size"], freed)
+        return freed
 
     @staticmethod
     def _total(txn: lmdb.Transaction, db: lmdb._Database) -> int:
@@ -186,9 +205,9 @@ class LocalCache:
     def put(self, h: str, data: bytes) -> bool:
         """Store a verified blob, evicting LRU blobs to stay within the bound.
 
-        Returns False when the blob was not stored: too large for this cache (see
-        MAX_BLOB_FRACTION), the cache is full of pinned blobs, or the LMDB map stays full
-        even after evicting half of the cache. Never raises MapFullError."""
+        Returns False when the blob was not stored: larger than `max_blob` (see LOW_WATER),
+        the cache is full of pinned blobs, or the LMDB map stays full even after evicting
+        half of the cache. Never raises MapFullError."""
         if len(data) > self.max_blob:
             self.skipped_blobs += 1
             return False
@@ -196,10 +215,7 @@ class LocalCache:
         try:
             return self._put(k, data)
         except lmdb.MapFullError:
-            pass
-        freed = self.evict(self.size() // 2)  # deletes fit in a full map; their pages are reused
-        log.warning("local cache: LMDB map full (%d bytes); evicted %d bytes of least-recently-used blobs",
-                    self.env.info()["map_size"], freed)
+            self._make_room()
         try:
             return self._put(k, data)
         except lmdb.MapFullError:
@@ -218,7 +234,7 @@ class LocalCache:
                 return True
             total = self._total(txn, self.meta)
             if total + len(data) > self.limit:
-                freed, n = self._evict_in(txn, total, int(self.limit * LOW_WATER) - len(data))
+                freed, n = self._evict_in(txn, total, self._low_water(len(data)))
                 total -= freed
             if total + len(data) <= self.limit:
                 txn.put(k, data, db=self.blobs)
@@ -232,8 +248,16 @@ class LocalCache:
         return stored
 
     def put_meta(self, key: str, value: bytes) -> None:
-        with self.env.begin(write=True, db=self.meta) as txn:
-            txn.put(key.encode(), value)
+        """Store a small metadata value (a last-good ref), making room if the map is full."""
+        for attempt in (0, 1):
+            try:
+                with self.env.begin(write=True, db=self.meta) as txn:
+                    txn.put(key.encode(), value)
+                return
+            except lmdb.MapFullError:
+                if attempt:
+                    raise
+                self._make_room()
 
     def evict(self, target: int) -> int:
         """Drop least-recently-used unpinned blobs until at most `target` bytes remain; bytes freed."""

@@ -85,7 +85,7 @@ class Daemon:
         last good one kept in the local cache."""
         ays_id = mp.cfg.id
         problems = []
-        for src in self.fetcher.stors:
+        for src in sorted(self.fetcher.stors, key=lambda s: s.is_down()):  # down ones last
             try:
                 with trio.fail_after(max(1.0, self.cfg.main.fetch_timeout)):
                     raw = await src.store.fetch(ref_path(ays_id))
@@ -300,7 +300,9 @@ class Daemon:
                        "reloads": self.status.reloads, "status": self.status_line()},
             "cache": {"dir": self.cache.path, "entries": c.entries, "bytes": c.bytes, "limit": c.limit,
                       "hits": k.hits, "misses": k.misses, "memory_hits": k.memory_hits,
-                      "evicted_blobs": c.evicted_blobs, "evicted_bytes": c.evicted_bytes},
+                      "evicted_blobs": c.evicted_blobs, "evicted_bytes": c.evicted_bytes,
+                      "skipped_blobs": self.cache.skipped_blobs, "writebacks": k.writebacks,
+                      "writeback_errors": k.writeback_errors, "writebacks_skipped": k.writebacks_skipped},
             "sources": [{"url": s.name, "tier": s.tier, "down": s.is_down(), "failures": s.failures,
                          "fetched_blobs": s.fetched_blobs, "fetched_bytes": s.fetched_bytes, "corrupt": s.corrupt}
                         for s in self.fetcher.grid + self.fetcher.stors],
@@ -315,7 +317,7 @@ class Daemon:
         hashes: set[str] = set()
         stack = [mp.ref.root]
         while stack:
-            entries, _ = await self.ops.load_dir(stack.pop())
+            entries, _ = await self.ops.load_dir(stack.pop(), grid=mp.cfg.cache_grid)
             for e in entries:
                 if e.kind == "d":
                     stack.append(e.hash)
@@ -445,6 +447,8 @@ class Daemon:
                 notify.notify("STOPPING=1")
                 for name in list(self.ops.mounts):
                     await self.stop_mount(name, shutdown=True)
+                with trio.move_on_after(2):
+                    await self.fetcher.drain()  # queued grid write-backs: no temp files left behind
                 n.cancel_scope.cancel()
         finally:
             try:

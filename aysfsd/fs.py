@@ -105,13 +105,13 @@ class Operations(DebugWrites, pyfuse3.Operations):
 
     # -- tree access --------------------------------------------------------------------------
 
-    async def load_dir(self, h: str) -> tuple[list[Entry], dict[str, int]]:
+    async def load_dir(self, h: str, grid: bool = True) -> tuple[list[Entry], dict[str, int]]:
         """A directory object by hash, decoded and validated (kept in memory and LMDB)."""
         d = self._dirs.get(h)
         if d is not None:
             self._dirs.move_to_end(h)
             return d
-        data = await self.fetcher.get(h, local=True, grid=True)
+        data = await self.fetcher.get(h, local=True, grid=grid)  # metadata is always kept locally
         try:
             entries = decode_dir(data, h)
         except TreeError as e:
@@ -135,7 +135,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         if not node.entry.hash:
             return [], {}
         try:
-            return await self.load_dir(node.entry.hash)
+            return await self.load_dir(node.entry.hash, grid=node.mount.cfg.cache_grid)
         except FetchError as e:
             log.error("mount %s: directory unavailable: %s", node.mount.name, e,
                       extra={"AYSFS_MOUNT": node.mount.name, "AYS_ID": node.mount.cfg.id})

@@ -44,18 +44,20 @@ class Progress:
         return d
 
 
-async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[tuple[str, int]], p: Progress) -> None:
-    """Send every blob of the tree (directory objects included) once."""
+async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[tuple[str, int]], p: Progress,
+                grid: bool) -> None:
+    """Send every blob of the tree (directory objects included) once; identical subtrees once."""
     seen: set[str] = set()
     stack = [root]
     async with send:
         while stack:
             h = stack.pop()
-            data_entries, _ = await ops.load_dir(h)
+            data_entries, _ = await ops.load_dir(h, grid=grid)
             todo = [(h, 0)]
             for e in data_entries:
                 if e.kind == KIND_DIR:
-                    stack.append(e.hash)
+                    if e.hash not in seen:
+                        stack.append(e.hash)
                 else:
                     todo.extend(e.blobs())
             for bh, size in todo:
@@ -139,7 +141,7 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
 
     try:
         async with trio.open_nursery() as n:
-            n.start_soon(_walk, ops, root, send, p)
+            n.start_soon(_walk, ops, root, send, p, mp.cfg.cache_grid)
             for _ in range(WORKERS):
                 n.start_soon(worker, recv.clone())
             await recv.aclose()

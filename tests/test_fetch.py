@@ -1,0 +1,317 @@
+"""The Fetcher in process (trio, real LMDB and directory stores, no FUSE): single-flight,
+verification, tier order, write-back and repair, failover, timeouts, foreground priority."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from aysfsd import fetch
+from aysfsd.cache import LocalCache
+from aysfsd.fetch import Fetcher, FetchError, Source
+from aysfsd.layout import blob_path
+from aysfsd.stores import DirStore, StoreError, StoreTimeout
+
+
+class CountingStore(DirStore):
+    """A real directory store that counts requests, can be slow, fail or hang."""
+
+    def __init__(self, root: Path, delay: float = 0.0) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        super().__init__(str(root), timeout=2.0)
+        self.delay = delay
+        self.fetches = 0
+        self.stores = 0
+        self.fail: str | None = None  # "error", "timeout" or "hang"
+
+    async def fetch(self, rel: str) -> bytes | None:
+        self.fetches += 1
+        if self.fail == "hang":
+            await trio.sleep_forever()
+        if self.fail == "error":
+            raise StoreError(f"{self.url}: connection refused (test)")
+        if self.fail == "timeout":
+            raise StoreTimeout(f"{self.url}: timed out (test)")
+        await trio.sleep(self.delay)
+        return await super().fetch(rel)
+
+    async def store(self, rel: str, data: bytes) -> None:
+        self.stores += 1
+        await super().store(rel, data)
+
+    def put(self, data: bytes) -> str:
+        h = hashlib.sha256(data).hexdigest()
+        self.write(blob_path(h), data)
+        return h
+
+    def path(self, h: str) -> Path:
+        return self.root / blob_path(h)
+
+
+def payload(i: int, size: int = 100_000) -> bytes:
+    return random.Random(i).randbytes(size)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[LocalCache]:
+    c = LocalCache(str(tmp_path / "lmdb"), 64 << 20)
+    yield c
+    c.close()
+
+
+def make(cache: LocalCache, grid: list[CountingStore], stors: list[CountingStore],
+         timeout: float = 5.0, writable: bool = True) -> Fetcher:
+    return Fetcher(cache, [Source(g, "grid", writable=writable) for g in grid],
+                   [Source(s, "stor") for s in stors], timeout=timeout)
+
+
+def test_single_flight(tmp_path: Path, cache: LocalCache) -> None:
+    stor = CountingStore(tmp_path / "stor", delay=0.2)
+    data = payload(1, 3 << 20)
+    h = stor.put(data)
+    f = make(cache, [], [stor])
+    results: list[bytes] = []
+
+    async def main() -> None:
+        async def one() -> None:
+            results.append(await f.get(h))
+
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                n.start_soon(one)
+
+    trio.run(main)
+    assert stor.fetches == 1
+    assert len(results) == 20 and all(r == data for r in results)
+    assert cache.get(h) == data
+    assert f.counters.misses == 1
+
+
+def test_single_flight_failure_reaches_every_waiter(tmp_path: Path, cache: LocalCache) -> None:
+    stor = CountingStore(tmp_path / "stor", delay=0.1)
+    h = hashlib.sha256(b"missing").hexdigest()
+    f = make(cache, [], [stor])
+    errors: list[str] = []
+
+    async def main() -> None:
+        async def one() -> None:
+            try:
+                await f.get(h)
+            except FetchError as e:
+                errors.append(str(e))
+
+        async with trio.open_nursery() as n:
+            for _ in range(10):
+                n.start_soon(one)
+
+    trio.run(main)
+    assert stor.fetches == 1 and len(errors) == 10
+    assert all("not found" in e for e in errors)
+
+
+def test_hash_mismatch_is_an_error_never_bytes(tmp_path: Path, cache: LocalCache) -> None:
+    stor = CountingStore(tmp_path / "stor")
+    data = payload(2)
+    h = stor.put(data)
+    stor.path(h).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    f = make(cache, [], [stor])
+    with pytest.raises(FetchError, match="corrupt"):
+        trio.run(f.get, h)
+    assert not cache.has(h) and f.memory.get(h) is None
+    assert f.stors[0].corrupt == 1 and not f.stors[0].is_down()  # corrupt is not "down"
+
+
+def test_tiers_in_order_write_back_and_repair(tmp_path: Path, cache: LocalCache,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    g1, g2 = CountingStore(tmp_path / "g1"), CountingStore(tmp_path / "g2")
+    stor = CountingStore(tmp_path / "stor")
+    a, b, c = payload(10), payload(11), payload(12)
+    ha, hb, hc = stor.put(a), stor.put(b), stor.put(c)
+    g2.put(b)
+    g1.path(hc).parent.mkdir(parents=True, exist_ok=True)
+    g1.path(hc).write_bytes(b"garbage")  # corrupt in the first grid cache
+    f = make(cache, [g1, g2], [stor])
+
+    async def main() -> None:
+        assert await f.get(ha) == a  # from the stor: written back to both grid caches
+        assert await f.get(hb) == b  # from g2: written back to g1 only
+        assert await f.get(hc) == c  # corrupt in g1, found in the stor: g1 repaired
+
+    trio.run(main)
+    assert [s.fetched_blobs for s in f.grid + f.stors] == [0, 1, 2]
+    assert g1.path(ha).read_bytes() == a and g2.path(ha).read_bytes() == a
+    assert g1.path(hb).read_bytes() == b
+    assert g1.path(hc).read_bytes() == c  # repaired
+    assert g2.stores == 2  # a and c (c was missing in g2)
+    assert f"corrupt blob {hc} from {g1.url} (grid cache" in caplog.text
+    assert "repairing corrupt blob" in caplog.text
+    assert not list(g1.root.rglob("*.tmp.*"))  # atomic writes leave no temp files
+
+
+def test_no_write_back_when_grid_flag_off_or_not_writable(tmp_path: Path, cache: LocalCache) -> None:
+    g = CountingStore(tmp_path / "g")
+    stor = CountingStore(tmp_path / "stor")
+    h1, h2 = stor.put(payload(20)), stor.put(payload(21))
+    f = make(cache, [g], [stor])
+    trio.run(lambda: f.get(h1, grid=False))
+    assert g.stores == 0
+    f2 = make(cache, [g], [stor], writable=False)
+    trio.run(f2.get, h2)
+    assert g.stores == 0 and not g.path(h2).exists()
+
+
+def test_local_off_keeps_blobs_out_of_lmdb(tmp_path: Path, cache: LocalCache) -> None:
+    stor = CountingStore(tmp_path / "stor")
+    data = payload(30)
+    h = stor.put(data)
+    f = make(cache, [], [stor])
+
+    async def main() -> None:
+        assert await f.get(h, local=False) == data
+        assert await f.get(h, local=False) == data  # from memory, not the stor again
+
+    trio.run(main)
+    assert not cache.has(h) and stor.fetches == 1 and f.counters.memory_hits == 1
+
+
+def test_blob_too_big_for_the_local_cache_is_served_from_memory(tmp_path: Path) -> None:
+    c = LocalCache(str(tmp_path / "lmdb"), 1 << 20)  # 1 MiB: blobs over ~100 KiB are not stored
+    stor = CountingStore(tmp_path / "stor")
+    data = payload(31, 300_000)
+    h = stor.put(data)
+    f = make(c, [], [stor])
+
+    async def main() -> None:
+        for _ in range(5):
+            assert await f.get(h) == data
+
+    trio.run(main)
+    assert not c.has(h) and stor.fetches == 1
+    c.close()
+
+
+def test_failover_down_marking_and_recovery(tmp_path: Path, cache: LocalCache,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "DOWN_SECONDS", 60.0)
+    a, b = CountingStore(tmp_path / "a"), CountingStore(tmp_path / "b")
+    blobs = [payload(40 + i) for i in range(4)]
+    hs = [a.put(d) for d in blobs]
+    for d in blobs:
+        b.put(d)
+    f = make(cache, [], [a, b])
+    a.fail = "error"
+
+    async def main() -> None:
+        t = trio.current_time()
+        assert await f.get(hs[0]) == blobs[0]
+        took = trio.current_time() - t
+        assert a.fetches == 1 + fetch.RETRIES  # retried with backoff, then marked down
+        assert 0.1 <= took < 1.5
+        assert f.stors[0].is_down() and f.stors[0].failures == 1
+        assert await f.get(hs[1]) == blobs[1]
+        assert a.fetches == 1 + fetch.RETRIES  # skipped while down
+        # everything down: the down sources get one probe each, then EIO quickly
+        b.fail = "error"
+        t = trio.current_time()
+        with pytest.raises(FetchError) as e:
+            await f.get(hs[2])
+        assert trio.current_time() - t < 1.5
+        assert "down" in str(e.value)
+        # the first stor comes back: the probe finds it at once, no waiting for DOWN_SECONDS
+        a.fail = None
+        assert await f.get(hs[2]) == blobs[2]
+        assert not f.stors[0].is_down()
+        # cached data is unaffected by sources being down
+        a.fail = b.fail = "error"
+        assert await f.get(hs[0]) == blobs[0]
+
+    trio.run(main)
+
+
+def test_timeouts_are_not_retried(tmp_path: Path, cache: LocalCache) -> None:
+    a, b = CountingStore(tmp_path / "a"), CountingStore(tmp_path / "b")
+    data = payload(50)
+    h = a.put(data)
+    b.put(data)
+    a.fail = "timeout"
+    f = make(cache, [], [a, b])
+    assert trio.run(f.get, h) == data
+    assert a.fetches == 1 and f.stors[0].is_down()
+
+
+def test_fetch_timeout_bounds_a_hanging_source(tmp_path: Path, cache: LocalCache) -> None:
+    a = CountingStore(tmp_path / "a")
+    h = a.put(payload(60))
+    a.fail = "hang"
+    f = make(cache, [], [a], timeout=0.5)
+    t = time.monotonic()
+    with pytest.raises(FetchError, match="gave up after fetch_timeout 0.5s"):
+        trio.run(f.get, h)
+    assert time.monotonic() - t < 1.5
+    assert not f.stors[0].is_down()  # slow, not proven dead
+
+
+def test_background_waits_for_foreground(tmp_path: Path, cache: LocalCache) -> None:
+    stor = CountingStore(tmp_path / "stor", delay=0.3)
+    fg, bg = payload(70), payload(71)
+    hf, hb = stor.put(fg), stor.put(bg)
+    f = make(cache, [], [stor])
+    done: list[tuple[str, float]] = []
+
+    async def main() -> None:
+        t0 = trio.current_time()
+
+        async def get(h: str, name: str, background: bool) -> None:
+            await f.get(h, background=background)
+            done.append((name, trio.current_time() - t0))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(get, hf, "fg", False)
+            await trio.sleep(0.05)
+            n.start_soon(get, hb, "bg", True)
+
+    trio.run(main)
+    assert [d[0] for d in done] == ["fg", "bg"]
+    assert done[1][1] >= 0.55  # started only after the foreground fetch finished
+
+
+def test_waiter_wanting_local_stores_what_a_local_off_owner_fetched(tmp_path: Path, cache: LocalCache) -> None:
+    stor = CountingStore(tmp_path / "stor", delay=0.2)
+    data = payload(80)
+    h = stor.put(data)
+    f = make(cache, [], [stor])
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: f.get(h, local=False))
+            await trio.sleep(0.05)
+            n.start_soon(lambda: f.get(h, local=True))
+
+    trio.run(main)
+    assert stor.fetches == 1 and cache.get(h) == data
+
+
+def test_background_write_back_in_a_nursery(tmp_path: Path, cache: LocalCache) -> None:
+    g = CountingStore(tmp_path / "g")
+    stor = CountingStore(tmp_path / "stor")
+    blobs = [payload(90 + i) for i in range(8)]
+    hs = [stor.put(d) for d in blobs]
+    f = make(cache, [g], [stor])
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            for h, d in zip(hs, blobs, strict=True):
+                assert await f.get(h) == d
+            with trio.fail_after(5):
+                await f.drain()
+
+    trio.run(main)
+    assert all(g.path(h).read_bytes() == d for h, d in zip(hs, blobs, strict=True))
+    assert f.counters.writebacks == 8 and f._writeback_pending == 0
