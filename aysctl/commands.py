@@ -121,6 +121,20 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
 
 
 @control
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    """Hash every blob in the local cache; corrupt ones are dropped (and refetched when read)."""
+    final = call(_socket(args), {"cmd": "cache.verify"}, None)
+    if args.json:
+        _print_json(final)
+    else:
+        bad = final.get("dropped") or []
+        print(f"verified {render.as_int(final.get('checked'))} blobs: {len(bad)} corrupt, dropped")
+        for h in bad:
+            print(f"  dropped {h}")
+    return 1 if final.get("dropped") else 0
+
+
+@control
 def cmd_prefetch(args: argparse.Namespace) -> int:
     """Fetch a whole ays tree into the local cache (the default) and/or the grid caches."""
     local, grid = bool(args.local), bool(args.grid)

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     purge = cache_sub.add_parser("purge", parents=[common], help="drop cached blobs (all, or of one ays)")
     purge.add_argument("--ays", metavar="ID", help="only this ays (id or mount name)")
     purge.set_defaults(func=commands.cmd_cache_purge)
+    verify = cache_sub.add_parser("verify", parents=[common],
+                                  help="hash every cached blob; drop corrupt ones (exit 1 if any)")
+    verify.set_defaults(func=commands.cmd_cache_verify)
 
     pf = sub.add_parser("prefetch", parents=[common], help="fetch a whole ays tree ahead of use")
     pf.add_argument("ays", metavar="ID", help="ays id (quote it: 'jumpscale|mongodb!main') or mount name")

@@ -16,6 +16,7 @@ fetcher then serves them from memory).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
@@ -298,3 +299,32 @@ class LocalCache:
         with self._lock:
             self._touched.clear()
         return freed
+
+    def verify(self, batch: int = 256) -> tuple[int, list[str]]:
+        """Scrub: hash every cached blob; drop the ones whose bytes no longer match their hash
+        (disk corruption), so they are refetched instead of served. Returns (checked, dropped).
+        Reads in batches of short transactions, so long scrubs do not pin old LMDB pages."""
+        checked, bad = 0, []
+        last = b""
+        while True:
+            with self.env.begin(db=self.blobs, buffers=True) as txn:
+                cur = txn.cursor()
+                if not (cur.set_range(last) if last else cur.first()):
+                    break
+                n = 0
+                for k, v in cur:
+                    kb = bytes(k)
+                    if kb == last:
+                        continue
+                    if hashlib.sha256(v).digest() != kb:
+                        bad.append(kb.hex())
+                    checked += 1
+                    last = kb
+                    n += 1
+                    if n >= batch:
+                        break
+                if n == 0:
+                    break
+        if bad:
+            self.delete(bad)
+        return checked, bad

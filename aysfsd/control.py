@@ -105,6 +105,7 @@ class ControlServer:
             "status": self.status,
             "reload": self.reload,
             "cache.purge": self.purge,
+            "cache.verify": self.verify,
             "prefetch": self.prefetch,
             "log.tail": self.log_tail,
         }
@@ -217,6 +218,13 @@ class ControlServer:
             freed = await trio.to_thread.run_sync(self.daemon.cache.purge)
             n = before
         return {"freed_bytes": freed, "blobs": n}
+
+    async def verify(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
+        checked, bad = await trio.to_thread.run_sync(self.daemon.cache.verify)
+        for h in bad:
+            log.error("local cache: blob %s was corrupt on disk: dropped", h, extra={"BLOB": h})
+        self.daemon.fetcher.memory.clear()
+        return {"checked": checked, "dropped": bad}
 
     async def prefetch(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
         from . import prefetch

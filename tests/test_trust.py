@@ -344,3 +344,48 @@ def test_socket_access(work: Path, users: tuple[str, str]) -> None:
             assert rc == 4 and "permission denied" in out
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+def test_cache_verify_drops_corrupt_local_blobs(work: Path) -> None:
+    import lmdb
+
+    stor, mnt = work / "stor", work / "mnt"
+    src = make_src(work / "src", "v1\n")
+    (src / "lib" / "b.py").write_text("B = 2\n" * 1000)
+    aysctl("publish", str(src), "--ays", AYS, "--stor", str(stor))
+    cfg = config(work, stor, mnt, None)
+    with Daemon(cfg, work / "d.log").start(wait_mounts=[mnt]) as d:
+        good = (mnt / "lib" / "b.py").read_bytes()
+        h = hashlib.sha256(good).digest()
+        # the disk flips bytes under the daemon (another process writes the LMDB file)
+        env = lmdb.open(str(work / "st" / "cache" / "lmdb"), max_dbs=4, map_size=1 << 30)
+        db = env.open_db(b"blobs")
+        with env.begin(write=True, db=db) as txn:
+            assert txn.get(h) == good
+            txn.put(h, good.replace(b"B", b"X"))
+        env.close()
+        r = aysctl("--config", str(cfg), "cache", "verify", check=False)
+        assert r.returncode == 1 and f"dropped {h.hex()}" in r.stdout and "1 corrupt" in r.stdout
+        assert f"blob {h.hex()} was corrupt on disk" in d.log()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        assert (mnt / "lib" / "b.py").read_bytes() == good  # refetched from the stor
+        assert aysctl("--config", str(cfg), "cache", "verify").returncode == 0
+
+
+def test_connection_flood_does_not_stall_the_filesystem(daemon_sock: Path) -> None:
+    mnt = daemon_sock.parent.parent / "mnt"
+    socks = []
+    try:
+        for _ in range(200):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(daemon_sock))
+            socks.append(s)
+        # idle clients hold connections; reads on the mount are unaffected
+        for _ in range(50):
+            assert (mnt / "version.txt").read_text() == "v1\n"
+            assert sorted(os.listdir(mnt / "lib")) == ["a.py"]
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: ctl(daemon_sock, {"cmd": "status"})[-1]["ok"], 15, "status after the flood")
