@@ -215,3 +215,31 @@ def test_crash_leaves_no_stale_mount_for_next_start(work: Path, nginx_stor: Ngin
         assert mounted(a)
         assert (a / "which.txt").read_text() == A + "\n"
         assert "stale mount" in d2.log()
+
+
+def test_aysctl_against_live_daemon(work: Path, nginx_stor: Nginx, trees: dict[str, Path]) -> None:
+    import json
+
+    cfg = work / "aysfs.toml"
+    a, b = work / "a", work / "b"
+    cfg.write_text(basic_config(work / "st", [nginx_stor.url], {A: str(a), B: str(b)}))
+    sock = str(work / "st" / "aysfsd.sock")
+    # no daemon yet: a clear message and exit code 3
+    r = aysctl("--socket", sock, "status", check=False)
+    assert r.returncode == 3 and "aysfsd is not running" in r.stderr
+    with Daemon(cfg, work / "d.log").start(wait_mounts=[a, b]):
+        st = json.loads(aysctl("--config", str(cfg), "status", "--json").stdout)
+        assert {m["id"] for m in st["mounts"]} == {A, B} and all(m["state"] == "up" for m in st["mounts"])
+        plain = aysctl("--config", str(cfg), "status").stdout
+        assert "jumpscale_alpha_main\tjumpscale|alpha!main\t" + str(a) + "\tup" in plain
+        out = aysctl("--config", str(cfg), "prefetch", A).stdout
+        assert "prefetched" in out and "0 errors" in out
+        r = aysctl("--config", str(cfg), "prefetch", "jumpscale|nope!main", check=False)
+        assert r.returncode == 5 and "no mount of" in r.stderr
+        assert "reloaded" in aysctl("--config", str(cfg), "reload").stdout
+        out = aysctl("--config", str(cfg), "cache", "purge", "--ays", B).stdout
+        assert out.startswith("purged the cache of " + B)
+        st = json.loads(aysctl("--config", str(cfg), "status", "--json").stdout)
+        ma = [m for m in st["mounts"] if m["id"] == A][0]
+        assert ma["prefetch"]["state"] == "done" and ma["prefetch"]["blobs_done"] == ma["prefetch"]["blobs_total"]
+        assert st["cache"]["entries"] > 0 and st["sources"][0]["url"] == nginx_stor.url
