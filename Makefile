@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 APT_PKGS := fuse3 libfuse3-dev pkg-config libsystemd-dev gcc python3-dev python3-venv \
 	nginx-light redis-server openssh-server openssh-client util-linux
 
-.PHONY: setup deps demo test lint typecheck unit bench clean
+.PHONY: setup deps demo test lint typecheck unit bench bench-deps clean
 
 deps:
 	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -39,8 +39,36 @@ unit: setup
 
 test: lint typecheck unit
 
-bench: setup
+# peers for the benchmarks (a peer that cannot be installed is reported as n/a, not an error)
+BENCH_APT := squashfuse squashfs-tools rclone httpdirfs nginx-light
+
+bench-deps: setup
+	@missing=$$(for p in $(BENCH_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages for the benchmarks:" $$missing; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) \
+			|| echo "warning: could not install $$missing (those peers will be n/a)"; \
+	fi
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q matplotlib \
+		|| echo "warning: no matplotlib (no chart)"
+
+bench: bench-deps
 	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# make deb             build dist/aysfs_VERSION_all.deb with debhelper (as root on Debian 12: installs the
+#                      build tools it lacks) and lint it: packaging/build-deb.sh
+# make test-installed  make deb, apt-get install it on this machine, test the installed system (the unit's
+#                      commands as systemd runs them; a real systemd in systemd-nspawn when one boots here),
+#                      then purge it: packaging/test_installed.py, with Debian's /usr/bin/python3
+DEB_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+
+.PHONY: deb test-installed
+
+deb:
+	bash packaging/build-deb.sh
+
+test-installed: deb
+	/usr/bin/python3 packaging/test_installed.py dist/aysfs_$(DEB_VERSION)_all.deb
