@@ -37,6 +37,7 @@ log = logging.getLogger("aysfsd.fetch")
 DOWN_SECONDS = 15.0
 RETRIES = 2
 BACKOFF = 0.1  # seconds before the first retry; tripled for each further one
+MAX_READAHEAD = 2  # chunks fetched ahead of sequential readers at once
 HASH_IN_THREAD = 1 << 20  # hash blobs larger than this off the trio loop
 WRITEBACK_BUDGET = 64 << 20  # bytes of blobs queued for grid write-back; beyond it write-back is skipped
 MEMORY_BUDGET = 64 << 20
@@ -149,6 +150,7 @@ class Fetcher:
         self.memory = MemoryLRU(MEMORY_BUDGET)
         self.counters = Counters()
         self._inflight: dict[str, _Flight] = {}
+        self._readaheads = 0
         self.nursery: trio.Nursery | None = None  # for background grid write-back
         self._writeback_limit = trio.CapacityLimiter(4)
         self._writeback_pending = 0  # bytes queued or being written back
@@ -176,6 +178,23 @@ class Fetcher:
         """Return once no foreground (reader) fetch is going to the network."""
         while self._foreground:
             await self._foreground_idle.wait()
+
+    def readahead(self, h: str, *, local: bool, grid: bool, account: dict[str, int] | None) -> None:
+        """Start fetching `h` in the background unless it is cached, in flight or too many
+        read-aheads run already; a failure is left for the reader that needs the blob."""
+        if (self.nursery is None or h in self._inflight or self._readaheads >= MAX_READAHEAD
+                or self.memory.get(h) is not None or self.cache.has(h)):
+            return
+        self._readaheads += 1
+        self.nursery.start_soon(self._readahead, h, local, grid, account)
+
+    async def _readahead(self, h: str, local: bool, grid: bool, account: dict[str, int] | None) -> None:
+        try:
+            await self.get(h, local=local, grid=grid, account=account)
+        except FetchError:
+            pass
+        finally:
+            self._readaheads -= 1
 
     async def get(self, h: str, *, local: bool = True, grid: bool = True,
                   account: dict[str, int] | None = None, background: bool = False) -> bytes:

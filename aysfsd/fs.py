@@ -369,6 +369,13 @@ class Operations(DebugWrites, pyfuse3.Operations):
             out.append(data)
             pos += n
         mp.bytes_read += end - off
+        if off == of.next_off and len(pieces) > 1:
+            # a sequential reader: fetch the next chunk while this one is consumed
+            nxt = (end - 1) // CHUNK_SIZE + 1
+            if nxt < len(pieces):
+                self.fetcher.readahead(pieces[nxt][0], local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
+                                       account=mp.bytes_by_tier)
+        of.next_off = end
         return out[0] if len(out) == 1 else b"".join(out)
 
     @guarded

@@ -61,3 +61,4 @@ class OpenFile:
     dbg: PathState | None = None
     buf: bytearray | None = None  # debug mode: content being written
     dirty: bool = False
+    next_off: int = 0  # where a sequential reader reads next (read-ahead)
