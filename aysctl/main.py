@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dbg = sub.add_parser("debug", help="debugging tools")
     dbg_sub = dbg.add_subparsers(dest="debug_cmd", required=True)
-    tail = dbg_sub.add_parser("tail", parents=[common], help="show aysfsd's recent log lines, debug included")
+    tail = dbg_sub.add_parser("tail", parents=[common], help="show the debug transaction log (debug:log:$mountname) of debug mounts")
     tail.add_argument("mount", nargs="?", metavar="MOUNT", help="only this mount (name)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
     tail.add_argument("-n", "--lines", type=_count, default=10, metavar="N", help="recent lines to show (default 10)")

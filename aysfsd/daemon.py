@@ -436,8 +436,9 @@ class Daemon:
                 n.start_soon(self._fuse_main)
                 n.start_soon(self._signals)
                 await n.start(ControlServer(self, self.cfg.main.control_socket).serve)
-                for a in self.cfg.ays:
-                    await self.start_mount(a)
+                async with trio.open_nursery() as starting:  # concurrently: READY does not wait on each in turn
+                    for a in self.cfg.ays:
+                        starting.start_soon(self.start_mount, a)
                 n.start_soon(watch_config, self.config_path, self.reload)
                 n.start_soon(self._expiry_loop)
                 n.start_soon(self._flush_loop)

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 import paramiko
 import trio
 
+from .compat import run_abandonable
 from .stores import StoreError, StoreTimeout, _check_rel
 
 log = logging.getLogger("aysfsd.ssh")
@@ -178,8 +179,8 @@ class SshStore:
             client.set_missing_host_key_policy(_AcceptPolicy(self) if self.accept_unknown_host else _RejectPolicy())
             client.connect(self.host, port=self.port, username=self.user, key_filename=self.key,
                            look_for_keys=self.key is None, allow_agent=self.key is None,
-                           timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout,
-                           channel_timeout=self.timeout)
+                           timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout)
+            # (no channel_timeout: paramiko 2.12 lacks it; _open_sftp bounds the channel open itself)
             sftp = self._open_sftp(client)
         except BaseException as e:
             client.close()
@@ -406,15 +407,15 @@ class SshStore:
 
     async def fetch(self, rel: str) -> bytes | None:
         """Async read in a worker thread."""
-        return await trio.to_thread.run_sync(self.read, rel, limiter=self._threads(), abandon_on_cancel=True)
+        return await run_abandonable(self.read, rel, limiter=self._threads())
 
     async def store(self, rel: str, data: bytes) -> None:
         """Async write in a worker thread."""
-        await trio.to_thread.run_sync(self.write, rel, data, limiter=self._threads(), abandon_on_cancel=True)
+        await run_abandonable(self.write, rel, data, limiter=self._threads())
 
     async def contains(self, rel: str) -> bool:
         """Async exists in a worker thread."""
-        return await trio.to_thread.run_sync(self.exists, rel, limiter=self._threads(), abandon_on_cancel=True)
+        return await run_abandonable(self.exists, rel, limiter=self._threads())
 
     async def aclose(self) -> None:
         """Async close."""

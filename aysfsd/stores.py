@@ -18,6 +18,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 import trio
 
+from .compat import run_abandonable
+
 T = TypeVar("T")
 
 
@@ -105,7 +107,7 @@ class DirStore:
         server): the thread is abandoned and StoreTimeout raised."""
         try:
             with trio.fail_after(self.timeout):
-                return await trio.to_thread.run_sync(fn, limiter=self._threads(), abandon_on_cancel=True)
+                return await run_abandonable(fn, limiter=self._threads())
         except trio.TooSlowError:
             raise StoreTimeout(f"{self.url}: {op} {rel}: no answer within {self.timeout:g}s") from None
 

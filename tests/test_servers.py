@@ -138,11 +138,11 @@ def test_redis_requires_password(redis_server: Redis) -> None:
     # NB: redis-py's AuthenticationError is a ConnectionError and is retried with
     # backoff by default; NO_RETRY keeps this fast.
     anon = redis.Redis(host="127.0.0.1", port=redis_server.port, retry=NO_RETRY)
-    with pytest.raises(redis.AuthenticationError):
+    with pytest.raises((redis.AuthenticationError, redis.ResponseError)):  # 4.3: WRONGPASS is a ResponseError
         anon.get(b"k")
     anon.close()
     wrong = redis.Redis(host="127.0.0.1", port=redis_server.port, password="wrong", retry=NO_RETRY)
-    with pytest.raises(redis.AuthenticationError):
+    with pytest.raises((redis.AuthenticationError, redis.ResponseError)):  # 4.3: WRONGPASS is a ResponseError
         wrong.ping()
     wrong.close()
 
