@@ -65,10 +65,29 @@ clean:
 #                      then purge it: packaging/test_installed.py, with Debian's /usr/bin/python3
 DEB_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
 
-.PHONY: deb test-installed
+.PHONY: deb test-installed test-debian
 
 deb:
 	bash packaging/build-deb.sh
 
 test-installed: deb
 	/usr/bin/python3 packaging/test_installed.py dist/aysfs_$(DEB_VERSION)_all.deb
+
+# make test-debian   the test suite on Debian 12's own python3-* libraries (older pyfuse3, trio, httpx,
+#                    redis, paramiko than PyPI's), in a venv that sees only Debian's packages
+DEBIAN_PY_PKGS := python3-pyfuse3 python3-trio python3-lmdb python3-httpx python3-paramiko python3-redis \
+	python3-systemd python3-rich python3-cryptography python3-pytest python3-pytest-timeout \
+	python3-hypothesis python3-venv python3-setuptools
+test-debian: deps
+	@missing=$$(for p in $(DEBIAN_PY_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	rm -rf .venv-debian
+	/usr/bin/python3 -m venv --system-site-packages .venv-debian
+	cp packaging/debian/vendor/inotify_simple.py.vendored .venv-debian/lib/python3.11/site-packages/inotify_simple.py
+	.venv-debian/bin/python -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	.venv-debian/bin/python -c 'import pyfuse3, trio, httpx, redis, paramiko; print("Debian libraries:", \
+		"pyfuse3", pyfuse3.__version__, "trio", trio.__version__, "httpx", httpx.__version__, \
+		"redis", redis.__version__, "paramiko", paramiko.__version__)'
+	.venv-debian/bin/python -m pytest -q -p no:cacheprovider
