@@ -332,35 +332,36 @@ class Daemon:
         return freed, len(present)
 
     async def _debug_log(self, mount: str | None, lines: int, follow: bool) -> AsyncIterator[dict[str, object]]:
-        """Debug transaction log entries (`debug:log:$mountname`) of one or every debug mount."""
+        """Debug transaction log entries (`debug:log:$mountname`) of one or every debug mount:
+        the last `lines` of each, then (following) new ones as they are appended."""
         mounts = [m for m in self.ops.mounts.values() if m.overlay is not None and (not mount or m.name == mount)]
         if mount and not mounts:
             raise LookupError(f"no mount named {mount!r} in debug mode")
-        pos: dict[str, int] = {}
-        for mp in mounts:
+
+        async def entries(mp: MountPoint, start: int | None) -> tuple[int, list[tuple[int, str, str]]]:
             assert mp.overlay is not None
             store = mp.overlay.store
             n = await trio.to_thread.run_sync(store.log_length)
-            start = max(0, n - lines)
-            for epoch, path, md5 in (await trio.to_thread.run_sync(store.log_entries, start, n - 1) if lines else []):
-                yield {"time": epoch, "level": "info", "logger": "debug", "AYSFS_MOUNT": mp.name,
-                       "path": path, "hash": md5, "message": f"{mp.name}: {path} {'removed' if not md5 else md5}"}
-            pos[mp.name] = n
-        while follow:
-            await trio.sleep(0.5)
+            first = max(0, n - lines) if start is None else start
+            new = await trio.to_thread.run_sync(store.log_entries, first, n - 1) if n > first else []
+            return n, new
+
+        pos: dict[str, int] = {}
+        first_round = True
+        while first_round or follow:
+            if not first_round:
+                await trio.sleep(0.5)
             for mp in mounts:
-                assert mp.overlay is not None
-                store = mp.overlay.store
                 try:
-                    n = await trio.to_thread.run_sync(store.log_length)
-                    new = await trio.to_thread.run_sync(store.log_entries, pos[mp.name], n - 1) if n > pos[mp.name] else []
+                    pos[mp.name], new = await entries(mp, pos.get(mp.name))
                 except DebugStoreError:
+                    if first_round:
+                        raise
                     continue
                 for epoch, path, md5 in new:
                     yield {"time": epoch, "level": "info", "logger": "debug", "AYSFS_MOUNT": mp.name,
-                           "path": path, "hash": md5,
-                           "message": f"{mp.name}: {path} {'removed' if not md5 else md5}"}
-                pos[mp.name] = n
+                           "path": path, "hash": md5, "message": f"{path} {md5 or 'removed'}"}
+            first_round = False
 
     def start_prefetch(self, mp: MountPoint) -> None:
         """Fill the tiers chosen by the mount's prefetch flags, in the background."""

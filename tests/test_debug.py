@@ -147,3 +147,22 @@ def test_debug_pull(work: Path, setup: tuple[Path, Path, Path], redis_server: Re
     assert "../escape.py" in res.stdout + res.stderr and "/etc/evil.py" in res.stdout + res.stderr
     assert "lib/sneaky/evil.py" in res.stdout + res.stderr
     assert not (work / "escape.py").exists() and not Path("/tmp/evil.py").exists()
+
+
+def test_debug_tail_follows_new_entries(work: Path, setup: tuple[Path, Path, Path]) -> None:
+    import socket
+
+    src, cfg, mnt = setup
+    with Daemon(cfg, work / "d.log").start(wait_mounts=[mnt]):
+        (mnt / "lib" / "json" / "decoder.py").write_bytes(b"one\n")
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(str(work / "st" / "aysfsd.sock"))
+        s.sendall(json.dumps({"cmd": "log.tail", "lines": 1, "follow": True, "debug": True}).encode() + b"\n")
+        f = s.makefile("rb")
+        first = json.loads(f.readline())
+        assert first["event"] == "log" and first["path"] == "lib/json/decoder.py" and first["hash"] == md5(b"one\n")
+        os.unlink(mnt / "lib" / "json" / "scanner.py")
+        nxt = json.loads(f.readline())  # within the socket timeout: followed, not polled by us
+        assert nxt["path"] == "lib/json/scanner.py" and nxt["hash"] == "" and nxt["AYSFS_MOUNT"] == NAME
+        s.close()
