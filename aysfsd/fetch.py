@@ -151,6 +151,7 @@ class Fetcher:
         self.counters = Counters()
         self._inflight: dict[str, _Flight] = {}
         self._readaheads = 0
+        self._many_limit = trio.CapacityLimiter(8)
         self.nursery: trio.Nursery | None = None  # for background grid write-back
         self._writeback_limit = trio.CapacityLimiter(4)
         self._writeback_pending = 0  # bytes queued or being written back
@@ -195,6 +196,26 @@ class Fetcher:
             pass
         finally:
             self._readaheads -= 1
+
+    def fetch_many(self, hashes: list[str], *, local: bool, grid: bool, account: dict[str, int] | None) -> None:
+        """Fetch the missing ones of `hashes` in the background, a few at a time."""
+        if self.nursery is None:
+            return
+        todo = [h for h in hashes if h not in self._inflight and self.memory.get(h) is None and not self.cache.has(h)]
+        if todo:
+            self.nursery.start_soon(self._fetch_many, todo, local, grid, account)
+
+    async def _fetch_many(self, todo: list[str], local: bool, grid: bool, account: dict[str, int] | None) -> None:
+        async def one(h: str) -> None:
+            async with self._many_limit:
+                try:
+                    await self.get(h, local=local, grid=grid, account=account)
+                except FetchError:
+                    pass  # the reader that needs it will try again and report
+
+        async with trio.open_nursery() as n:
+            for h in todo:
+                n.start_soon(one, h)
 
     async def get(self, h: str, *, local: bool = True, grid: bool = True,
                   account: dict[str, int] | None = None, background: bool = False) -> bytes:

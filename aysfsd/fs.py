@@ -37,6 +37,8 @@ TREE_TIMEOUT = 86400.0  # content is immutable: let the kernel cache names and a
 TOP_TIMEOUT = 1.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 DIR_CACHE = 8192  # decoded directory objects kept in memory
+SIBLING_MAX_SIZE = 256 * 1024  # small files of a directory are fetched together...
+SIBLING_MAX_FILES = 256  # ...up to this many at a time
 
 class Operations(DebugWrites, pyfuse3.Operations):
     """Read-only operations over the trees of all mounts; writes only in debug mode (DebugWrites)."""
@@ -231,11 +233,20 @@ class Operations(DebugWrites, pyfuse3.Operations):
         if parent.mount.overlay is not None:
             node = await self._debug_lookup(parent, sname, entries[i] if i is not None else None)
         elif i is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._negative(parent)
         else:
             node = self._child(parent, entries[i])
         node.lookups += 1
         return self._node_attr(node)
+
+    def _negative(self, parent: Node) -> pyfuse3.EntryAttributes:
+        """"No such name", cached by the kernel (st_ino 0) as long as the directory's tree is:
+        Python's imports and PATH searches probe many absent names. Short under a mount top
+        (a new version may add the name); below it a new version means new directory inodes."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = TOP_TIMEOUT if parent.ino == parent.mount.top_ino else TREE_TIMEOUT
+        return a
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
@@ -314,10 +325,28 @@ class Operations(DebugWrites, pyfuse3.Operations):
             of = await self._open_for_write(node, flags)
         else:
             of = OpenFile(node, node.entry, dbg=node.dbg)
+            if node.dbg is None and node.entry.size and node.entry.size <= SIBLING_MAX_SIZE:
+                await self._fetch_siblings(node)
         fh = self._next_fh
         self._next_fh += 1
         self.open_files[fh] = of
         return pyfuse3.FileInfo(fh=fh, keep_cache=not editable, direct_io=False)
+
+    async def _fetch_siblings(self, node: Node) -> None:
+        """On the first cache miss of a small file in a directory, fetch its small siblings too,
+        in parallel: programs read a directory's files one after the other (imports, tar, cp),
+        and from a remote stor each one alone would cost a round trip."""
+        parent = self.nodes.get(node.parent)
+        if parent is None or parent.siblings_fetched or self.cache.has(node.entry.hash):
+            return
+        parent.siblings_fetched = True
+        if not parent.entry.hash:
+            return
+        entries, _ = await self.load_dir(parent.entry.hash, grid=parent.mount.cfg.cache_grid)
+        hashes = [e.hash for e in entries
+                  if e.kind == KIND_FILE and e.hash and 0 < e.size <= SIBLING_MAX_SIZE][:SIBLING_MAX_FILES]
+        cfg = parent.mount.cfg
+        self.fetcher.fetch_many(hashes, local=cfg.cache_local, grid=cfg.cache_grid, account=parent.mount.bytes_by_tier)
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:

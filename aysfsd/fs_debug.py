@@ -36,6 +36,7 @@ class DebugWrites:
     """Mixed into fs.Operations; uses its node table and helpers."""
 
     nodes: dict[int, Node]
+    mounts: dict[str, MountPoint]
     open_files: dict[int, OpenFile]
     _next_fh: int
     _node: Any
@@ -154,6 +155,11 @@ class DebugWrites:
         of = self.open_files.get(fh)
         if of is not None and of.dirty:
             await self._commit(of)
+        elif of is not None and of.buf is None and not any(m.overlay for m in self.mounts.values()):
+            # No mount is in debug mode: ENOSYS tells the kernel to stop sending FLUSH on every
+            # close (a round trip per file read). Should a debug mount come later by reload, its
+            # writes are still recorded at release; only close() no longer reports their errors.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @guarded
     async def fsync(self, fh: int, datasync: bool) -> None:

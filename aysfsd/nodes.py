@@ -52,6 +52,7 @@ class Node:
     children: dict[str, int] | None = None
     dbg: PathState | None = None  # debug mode: the edited version this node shows
     tree_entry: Entry | None = None  # debug mode: the published entry under an edited one
+    siblings_fetched: bool = False  # a directory whose small files were fetched together
 
 
 @dataclass(slots=True)
