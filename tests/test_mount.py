@@ -158,3 +158,30 @@ def test_unreachable_stor_gives_eio_in_bounded_time(work: Path, published: tuple
             (mnt / "lib" / "json" / "scanner.py").read_bytes()
         assert e.value.errno == errno.EIO
         assert time.monotonic() - t < 12  # fetch_timeout = 10
+
+
+def test_small_siblings_fetched_together(work: Path, published: tuple[Path, Nginx, str]) -> None:
+    from tests.harness import wait_for
+
+    src, nginx, _ = published
+    mnt = work / "mnt"
+    with start(work, [nginx.url], {AYS: str(mnt)}):
+        names = sorted(p.name for p in (src / "lib" / "email").iterdir() if p.is_file())
+        assert (mnt / "lib" / "email" / names[0]).read_bytes() == (src / "lib" / "email" / names[0]).read_bytes()
+        cache = work / "d" / "cache" / "lmdb"
+
+        def all_local() -> bool:
+            import lmdb
+
+            env = lmdb.open(str(cache), max_dbs=4, readonly=True, lock=False)
+            try:
+                with env.begin(db=env.open_db(b"blobs", create=False)) as txn:
+                    return all(txn.get(hashlib.sha256((src / "lib/email" / n).read_bytes()).digest()) is not None
+                               for n in names)
+            finally:
+                env.close()
+
+        wait_for(all_local, 10, "the directory's small files in the local cache")
+        nginx.stop()
+        for n in names:  # every sibling reads with the stor gone: fetched with the first
+            assert (mnt / "lib" / "email" / n).read_bytes() == (src / "lib" / "email" / n).read_bytes()
