@@ -37,7 +37,7 @@ log = logging.getLogger("aysfsd.fetch")
 DOWN_SECONDS = 15.0
 RETRIES = 2
 BACKOFF = 0.1  # seconds before the first retry; tripled for each further one
-MAX_READAHEAD = 2  # chunks fetched ahead of sequential readers at once
+MAX_READAHEAD = 4  # chunks fetched ahead of sequential readers at once
 HASH_IN_THREAD = 1 << 20  # hash blobs larger than this off the trio loop
 WRITEBACK_BUDGET = 64 << 20  # bytes of blobs queued for grid write-back; beyond it write-back is skipped
 MEMORY_BUDGET = 64 << 20
@@ -60,6 +60,7 @@ class Source:
     fetched_bytes: int = 0
     corrupt: int = 0
     probing: bool = False
+    probe_done: trio.Event = field(default_factory=trio.Event)  # set when a probe ends
 
     @property
     def name(self) -> str:
@@ -245,7 +246,8 @@ class Fetcher:
                 self._foreground_idle = trio.Event()
             self._foreground += 1
         try:
-            flight.result, flight.tier = await self._fetch(h, local=local, grid=grid, account=account)
+            flight.result, flight.tier = await self._fetch(h, local=local, grid=grid, account=account,
+                                                           defer_local=not background)
         except FetchError as e:
             flight.error = str(e)
             raise
@@ -262,7 +264,7 @@ class Fetcher:
         return flight.result
 
     async def _fetch(self, h: str, *, local: bool, grid: bool,
-                     account: dict[str, int] | None) -> tuple[bytes, str]:
+                     account: dict[str, int] | None, defer_local: bool = False) -> tuple[bytes, str]:
         self.counters.misses += 1
         problems: list[str] = []
         corrupt: list[Source] = []
@@ -280,7 +282,7 @@ class Fetcher:
         self.counters.bytes_by_tier[src.tier] += len(data)
         if account is not None:
             account[src.tier] += len(data)
-        await self._keep(h, data, src, local=local, grid=grid, corrupt=corrupt)
+        await self._keep(h, data, src, local=local, grid=grid, corrupt=corrupt, defer_local=defer_local)
         return data, src.tier
 
     async def _search(self, h: str, problems: list[str], corrupt: list[Source]) -> tuple[bytes, Source] | None:
@@ -296,12 +298,19 @@ class Fetcher:
                 return data, src
         for src in skipped:  # last resort: one probe of each source marked down
             if src.probing:
-                continue
-            src.probing = True
-            try:
+                # another fetch is probing it: wait for that answer rather than skip the source
+                await src.probe_done.wait()
+                if src.is_down():
+                    continue
                 data = await self._from(src, rel, h, problems, corrupt, 0)
-            finally:
-                src.probing = False
+            else:
+                src.probing = True
+                src.probe_done = trio.Event()
+                try:
+                    data = await self._from(src, rel, h, problems, corrupt, 0)
+                finally:
+                    src.probing = False
+                    src.probe_done.set()
             if data is not None:
                 return data, src
         return None
@@ -348,8 +357,13 @@ class Fetcher:
             self.memory.put(h, data)
 
     async def _keep(self, h: str, data: bytes, src: Source, *, local: bool, grid: bool,
-                    corrupt: list[Source]) -> None:
-        if local:
+                    corrupt: list[Source], defer_local: bool = False) -> None:
+        if local and defer_local and self.nursery is not None:
+            # the reader gets the bytes now; the LMDB write (a thread hop and a copy) follows,
+            # and the in-memory cache serves the blob until it has landed
+            self.memory.put(h, data)
+            self.nursery.start_soon(self._store_local, h, data)
+        elif local:
             await self._store_local(h, data)
         else:
             self.memory.put(h, data)

@@ -360,8 +360,13 @@ def test_cache_verify_drops_corrupt_local_blobs(work: Path) -> None:
         # the disk flips bytes under the daemon (another process writes the LMDB file)
         env = lmdb.open(str(work / "st" / "cache" / "lmdb"), max_dbs=4, map_size=1 << 30)
         db = env.open_db(b"blobs")
+
+        def landed() -> bool:  # the daemon writes to LMDB just after serving the read
+            with env.begin(db=db) as txn:
+                return txn.get(h) == good
+
+        wait_for(landed, 10, "the blob in the local cache")
         with env.begin(write=True, db=db) as txn:
-            assert txn.get(h) == good
             txn.put(h, good.replace(b"B", b"X"))
         env.close()
         r = aysctl("--config", str(cfg), "cache", "verify", check=False)
