@@ -17,6 +17,7 @@ from typing import Any
 
 import pyfuse3
 
+from .debug import DebugOverlay
 from .debugstore import DebugStoreError, PathState
 from .fetch import FetchError
 from .fuseguard import guarded
@@ -133,6 +134,22 @@ class DebugWrites:
         if ov is None or not ov.matches(path):
             raise _erofs()
 
+    async def _edit_target(self, parent_inode: int, name: bytes,
+                           ) -> tuple[Node, str, str, DebugOverlay, list[Entry], dict[str, int]]:
+        """The directory, name, path and overlay for creating or removing `name`; EROFS unless
+        debug mode lets this path be edited."""
+        parent = self._node(parent_inode)
+        sname = name.decode("utf-8", "surrogateescape")
+        path = f"{parent.path}/{sname}" if parent.path else sname
+        if parent_inode == pyfuse3.ROOT_INODE or parent.entry.kind != KIND_DIR:
+            raise _erofs()
+        self._editable(parent.mount, path)
+        ov = parent.mount.overlay
+        assert ov is not None
+        await ov.ensure_loaded()
+        entries, index = await self._dir_of(parent)
+        return parent, sname, path, ov, entries, index
+
     # -- FUSE handlers ------------------------------------------------------------------------
 
     @guarded
@@ -170,16 +187,7 @@ class DebugWrites:
     @guarded
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        parent = self._node(parent_inode)
-        sname = name.decode("utf-8", "surrogateescape")
-        path = f"{parent.path}/{sname}" if parent.path else sname
-        if parent_inode == pyfuse3.ROOT_INODE or parent.entry.kind != KIND_DIR:
-            raise _erofs()
-        self._editable(parent.mount, path)
-        ov = parent.mount.overlay
-        assert ov is not None
-        await ov.ensure_loaded()
-        entries, index = await self._dir_of(parent)
+        parent, sname, path, ov, entries, index = await self._edit_target(parent_inode, name)
         tree = entries[index[sname]] if sname in index else None
         if tree is not None and tree.kind == KIND_DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -197,16 +205,7 @@ class DebugWrites:
 
     @guarded
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._node(parent_inode)
-        sname = name.decode("utf-8", "surrogateescape")
-        path = f"{parent.path}/{sname}" if parent.path else sname
-        if parent_inode == pyfuse3.ROOT_INODE:
-            raise _erofs()
-        self._editable(parent.mount, path)
-        ov = parent.mount.overlay
-        assert ov is not None
-        await ov.ensure_loaded()
-        entries, index = await self._dir_of(parent)
+        parent, sname, path, ov, entries, index = await self._edit_target(parent_inode, name)
         st = ov.state(path)
         exists = (st is not None and not st.deleted) or (st is None and sname in index)
         if not exists:
