@@ -162,7 +162,7 @@ class Fetcher:
 
     # -- lookup ---------------------------------------------------------------------------------
 
-    def _cached(self, h: str, account: dict[str, int] | None) -> bytes | None:
+    def _cached(self, h: str) -> bytes | None:
         data = self.cache.get(h)
         if data is not None:
             self.counters.hits += 1
@@ -172,8 +172,6 @@ class Fetcher:
                 return None
             self.counters.memory_hits += 1
         self.counters.bytes_by_tier["local"] += len(data)
-        if account is not None:
-            account["local"] += len(data)
         return data
 
     async def wait_foreground_idle(self) -> None:
@@ -223,11 +221,12 @@ class Fetcher:
         """The whole blob `h`, verified. Raises FetchError within `timeout` seconds.
 
         `local`/`grid`: keep the blob in the local cache / write it back to the grid caches.
-        `account` (a mount's bytes-by-tier) is credited with where the bytes came from.
+        `account` (a mount's bytes-by-tier) is credited with the bytes downloaded from a grid
+        cache or stor, once per download (the mount's reads credit "local" themselves).
         `background` (prefetch) fetches wait while foreground fetches are in progress."""
         if background:
             await self.wait_foreground_idle()
-        data = self._cached(h, account)
+        data = self._cached(h)
         if data is not None:
             return data
         flight = self._inflight.get(h)
@@ -235,8 +234,6 @@ class Fetcher:
             await flight.done.wait()
             if flight.result is None:
                 raise FetchError(flight.error)
-            if account is not None:
-                account[flight.tier] += len(flight.result)
             if local and not flight.local:
                 await self._store_local(h, flight.result)
             return flight.result

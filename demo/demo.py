@@ -129,8 +129,8 @@ mnt = "{mnt}"
                            capture_output=True, text=True, check=True)
         st = json.loads(r.stdout)
         tiers = st["mounts"][0]["bytes_by_tier"]
-        print(f"bytes served to readers by tier: from the stor {tiers['stor']:,}, "
-              f"from the local cache {tiers['local']:,} (the page cache serves the rest without asking aysfsd)")
+        print(f"downloaded from the stor: {tiers['stor']:,} bytes (each blob once); read from the local "
+              f"cache: {tiers['local']:,} bytes (the kernel's page cache served the rest without asking aysfsd)")
     finally:
         say("stop aysfsd (SIGTERM unmounts)")
         proc.send_signal(signal.SIGTERM)

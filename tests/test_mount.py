@@ -13,7 +13,7 @@ import pytest
 
 from aysfsd.layout import blob_path, ref_path
 from aysfsd.ref import decode_ref
-from tests.harness import Daemon, aysctl, basic_config, mounted, sample_tree, tree_listing
+from tests.harness import Daemon, aysctl, basic_config, ctl, mounted, sample_tree, tree_listing
 from tests.servers import Nginx
 
 AYS = "jumpscale|sample!main"
@@ -57,6 +57,15 @@ def test_mount_is_identical_to_source(work: Path, published: tuple[Path, Nginx, 
     mnt = work / "mnt"
     with start(work, [nginx.url], {AYS: str(mnt)}):
         assert tree_listing(mnt) == tree_listing(src)
+        # every distinct blob of file content was downloaded once, and credited once to the mount
+        blobs: dict[str, int] = {}
+        for p in src.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                data = p.read_bytes()
+                for i in range(0, max(len(data), 1), 4 << 20):
+                    blobs[hashlib.sha256(data[i:i + (4 << 20)]).hexdigest()] = len(data[i:i + (4 << 20)])
+        st = ctl(work / "d" / "aysfsd.sock", {"cmd": "status"})[-1]
+        assert st["mounts"][0]["bytes_by_tier"]["stor"] == sum(blobs.values())
         subprocess.run(["diff", "-r", "--no-dereference", str(src), str(mnt)], check=True)
         st = os.lstat(mnt / "bin" / "tool.sh")
         assert (st.st_uid, st.st_gid) == (0, 0) and st.st_mode & 0o777 == 0o755
