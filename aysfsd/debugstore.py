@@ -17,12 +17,12 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from typing import TYPE_CHECKING
 
 from .config import DebugConfig
+
+if TYPE_CHECKING:
+    import redis  # imported when first used: only debug mode needs it (saves ~50 ms at start)
 
 DELETED = "deleted"
 TIMEOUT = 3.0
@@ -59,6 +59,10 @@ def parse_state(path: str, value: bytes | str) -> PathState:
 
 def connect(host: str, port: int, password: str = "", db: int = 0) -> redis.Redis:
     """A client that fails fast (no retries) so a dead Redis costs a read at most TIMEOUT."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     return redis.Redis(host=host, port=port, password=password or None, db=db, socket_timeout=TIMEOUT,
                        socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0), decode_responses=False)
 
@@ -78,7 +82,11 @@ class DebugStore:
     def _do(self, what: str, fn, *args):  # type: ignore[no-untyped-def]
         try:
             return fn(*args)
-        except redis.RedisError as e:
+        except Exception as e:
+            import redis
+
+            if not isinstance(e, redis.RedisError):
+                raise
             raise DebugStoreError(f"redis {what} for mount {self.mount!r}: {e}") from e
 
     def all_paths(self) -> dict[str, PathState]:

@@ -119,6 +119,9 @@ class Operations(DebugWrites, pyfuse3.Operations):
         except TreeError as e:
             log.error("%s", e, extra={"BLOB": h})
             raise pyfuse3.FUSEError(errno.EIO) from None
+        # one level ahead: directory walks (find, imports, tar) fetch subdirectories in parallel
+        self.fetcher.fetch_many([e.hash for e in entries if e.kind == KIND_DIR], local=True, grid=grid,
+                                account=None)
         d = (entries, {e.name: i for i, e in enumerate(entries)})
         self._dirs[h] = d
         if len(self._dirs) > DIR_CACHE:
