@@ -295,7 +295,7 @@ class Daemon:
                 "root": mp.ref.root if mp.ref else None, "revision": mp.ref.revision if mp.ref else None,
                 "debug": mp.cfg.debug, "hits": mp.hits, "misses": mp.misses, "bytes_read": mp.bytes_read,
                 "bytes_by_tier": dict(mp.bytes_by_tier),
-                "prefetch": pf.public() if pf is not None else None,  # type: ignore[attr-defined]
+                "prefetch": pf.public() if pf is not None else None,
             })
         return {
             "daemon": {"pid": os.getpid(), "version": __version__, "uptime": round(time.time() - self.started, 3),

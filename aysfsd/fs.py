@@ -40,6 +40,7 @@ DIR_CACHE = 8192  # decoded directory objects kept in memory
 SIBLING_MAX_SIZE = 256 * 1024  # small files of a directory are fetched together...
 SIBLING_MAX_FILES = 256  # ...up to this many at a time
 
+
 class Operations(DebugWrites, pyfuse3.Operations):
     """Read-only operations over the trees of all mounts; writes only in debug mode (DebugWrites)."""
 

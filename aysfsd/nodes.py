@@ -13,6 +13,7 @@ from .tree import KIND_DIR, Entry
 
 if TYPE_CHECKING:
     from .debug import DebugOverlay
+    from .prefetch import Progress
 
 
 @dataclass
@@ -29,7 +30,7 @@ class MountPoint:
     misses: int = 0
     bytes_read: int = 0
     bytes_by_tier: dict[str, int] = field(default_factory=lambda: {"local": 0, "grid": 0, "stor": 0})
-    prefetch: dict[str, object] | None = None
+    prefetch: Progress | None = None  # the last prefetch of this mount
     overlay: DebugOverlay | None = None  # debug mode
 
     @property

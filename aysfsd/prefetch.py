@@ -73,7 +73,7 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
               on_progress: Callable[[Progress], None] | None = None) -> Progress:
     """Prefetch the current tree of `mp` into the chosen tiers; progress kept in `mp.prefetch`."""
     p = Progress()
-    mp.prefetch = p  # type: ignore[assignment]
+    mp.prefetch = p
     fetcher = ops.fetcher
     if mp.ref is None:
         p.state = "failed"
