@@ -225,28 +225,55 @@ class LocalCache:
             return False
 
     def _put(self, k: bytes, data: bytes) -> bool:
-        freed = n = 0
-        stored = False
         with self.env.begin(write=True, buffers=True) as txn:
             self._flush_touched(txn)
-            stamp = _U64.pack(self._stamp())
-            if txn.get(k, db=self.blobs) is not None:
-                txn.put(k, stamp, db=self.atime)
-                return True
-            total = self._total(txn, self.meta)
-            if total + len(data) > self.limit:
-                freed, n = self._evict_in(txn, total, self._low_water(len(data)))
-                total -= freed
-            if total + len(data) <= self.limit:
-                txn.put(k, data, db=self.blobs)
-                txn.put(k, stamp, db=self.atime)
-                total += len(data)
-                stored = True
-            txn.put(_SIZE_KEY, _U64.pack(total), db=self.meta)
+            stored, freed, n = self._put_in(txn, k, data)
         self._count_evicted(freed, n)  # after the commit: an aborted eviction freed nothing
         if not stored:
             self.skipped_blobs += 1
         return stored
+
+    def _put_in(self, txn: lmdb.Transaction, k: bytes, data: bytes) -> tuple[bool, int, int]:
+        """One blob into an open write transaction: (stored, bytes evicted, blobs evicted)."""
+        freed = n = 0
+        stamp = _U64.pack(self._stamp())
+        if txn.get(k, db=self.blobs) is not None:
+            txn.put(k, stamp, db=self.atime)
+            return True, 0, 0
+        total = self._total(txn, self.meta)
+        stored = False
+        if total + len(data) > self.limit:
+            freed, n = self._evict_in(txn, total, self._low_water(len(data)))
+            total -= freed
+        if total + len(data) <= self.limit:
+            txn.put(k, data, db=self.blobs)
+            txn.put(k, stamp, db=self.atime)
+            total += len(data)
+            stored = True
+        txn.put(_SIZE_KEY, _U64.pack(total), db=self.meta)
+        return stored, freed, n
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        """Store several verified blobs in one write transaction (one commit, one thread hop);
+        falls back to one `put` each when the map fills up. Same bound and rules as `put`."""
+        results: list[bool] = []
+        freed_all = n_all = 0
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                self._flush_touched(txn)
+                for h, data in items:
+                    if len(data) > self.max_blob:
+                        results.append(False)
+                        continue
+                    stored, freed, n = self._put_in(txn, _key(h), data)
+                    freed_all += freed
+                    n_all += n
+                    results.append(stored)
+        except lmdb.MapFullError:
+            return [self.put(h, data) for h, data in items]
+        self._count_evicted(freed_all, n_all)
+        self.skipped_blobs += results.count(False)
+        return results
 
     def put_meta(self, key: str, value: bytes) -> None:
         """Store a small metadata value (a last-good ref), making room if the map is full."""

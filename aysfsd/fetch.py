@@ -38,6 +38,7 @@ DOWN_SECONDS = 15.0
 RETRIES = 2
 BACKOFF = 0.1  # seconds before the first retry; tripled for each further one
 MAX_READAHEAD = 4  # chunks fetched ahead of sequential readers at once
+LOCAL_BATCH = 64  # blobs per LMDB write transaction when storing in the background
 HASH_IN_THREAD = 1 << 20  # hash blobs larger than this off the trio loop
 WRITEBACK_BUDGET = 64 << 20  # bytes of blobs queued for grid write-back; beyond it write-back is skipped
 MEMORY_BUDGET = 64 << 20
@@ -152,6 +153,8 @@ class Fetcher:
         self.counters = Counters()
         self._inflight: dict[str, _Flight] = {}
         self._readaheads = 0
+        self._pending_local: list[tuple[str, bytes]] = []
+        self._writer_running = False
         self._many_limit = trio.CapacityLimiter(8)
         self.nursery: trio.Nursery | None = None  # for background grid write-back
         self._writeback_limit = trio.CapacityLimiter(4)
@@ -344,6 +347,28 @@ class Fetcher:
 
     # -- keeping what was fetched -----------------------------------------------------------------
 
+    def _queue_local(self, h: str, data: bytes) -> None:
+        """Queue a blob for the local cache; one writer task commits the queue in batches."""
+        self._pending_local.append((h, data))
+        if not self._writer_running and self.nursery is not None:
+            self._writer_running = True
+            self.nursery.start_soon(self._local_writer)
+
+    async def _local_writer(self) -> None:
+        try:
+            while self._pending_local:
+                batch, self._pending_local = self._pending_local[:LOCAL_BATCH], self._pending_local[LOCAL_BATCH:]
+                try:
+                    stored = await trio.to_thread.run_sync(self.cache.put_many, batch)
+                except Exception as e:  # a broken disk must not fail reads
+                    log.error("local cache: could not store %d blobs: %s", len(batch), e)
+                    stored = [False] * len(batch)
+                for (h, data), ok in zip(batch, stored, strict=True):
+                    if not ok:
+                        self.memory.put(h, data)
+        finally:
+            self._writer_running = False
+
     async def _store_local(self, h: str, data: bytes) -> None:
         try:
             stored = await trio.to_thread.run_sync(self.cache.put, h, data)
@@ -359,7 +384,7 @@ class Fetcher:
             # the reader gets the bytes now; the LMDB write (a thread hop and a copy) follows,
             # and the in-memory cache serves the blob until it has landed
             self.memory.put(h, data)
-            self.nursery.start_soon(self._store_local, h, data)
+            self._queue_local(h, data)
         elif local:
             await self._store_local(h, data)
         else:

@@ -203,3 +203,19 @@ def test_small_and_empty_blobs(tmp_path: Path, size: int) -> None:
     h = hashlib.sha256(data).hexdigest()
     assert c.put(h, data) and c.get(h) == data and c.size() == size
     c.close()
+
+
+def test_put_many_one_transaction_same_rules(tmp_path: Path) -> None:
+    c = LocalCache(str(tmp_path / "lmdb"), 1 << 20)
+    small = [blob(i, 50_000) for i in range(30)]  # 1.5 MB into a 1 MiB bound
+    big = blob(99, 200_000)  # over a tenth of the bound: never stored
+    results = c.put_many(small + [big, small[0]])
+    assert results[-2] is False and results[-1] is True and all(results[:30])
+    assert c.size() <= 1 << 20 and c.size() == stored_bytes(c, small)
+    assert not c.has(big[0])
+    kept = present(c, [h for h, _ in small])
+    assert small[-1][0] in kept and small[0][0] in kept  # the newest and the one put again
+    assert c.stats().evicted_blobs == 31 - len(kept) and c.stats().entries == len(kept)  # small[0] went twice
+    for h, d in small:
+        assert c.get(h) in (None, d)
+    c.close()
