@@ -305,7 +305,8 @@ class Daemon:
                       "hits": k.hits, "misses": k.misses, "memory_hits": k.memory_hits,
                       "evicted_blobs": c.evicted_blobs, "evicted_bytes": c.evicted_bytes,
                       "skipped_blobs": self.cache.skipped_blobs, "writebacks": k.writebacks,
-                      "writeback_errors": k.writeback_errors, "writebacks_skipped": k.writebacks_skipped},
+                      "writeback_errors": k.writeback_errors, "writebacks_skipped": k.writebacks_skipped,
+                      "packs": k.packs, "pack_members": k.pack_members},
             "sources": [{"url": s.name, "tier": s.tier, "down": s.is_down(), "failures": s.failures,
                          "fetched_blobs": s.fetched_blobs, "fetched_bytes": s.fetched_bytes, "corrupt": s.corrupt}
                         for s in self.fetcher.grid + self.fetcher.stors],

@@ -13,6 +13,11 @@ probe each (at most one in flight per source), so a stor that came back is used 
 once and a dead one costs one refused connection. The whole fetch is bounded by
 `fetch_timeout`: then FetchError, which the filesystem answers with EIO.
 
+Packs (see aysfs.tree): `fetch_pack` downloads one blob holding a directory's small
+files and keeps each member as a blob of its own once it matches its own hash; readers
+of the members wait for it as for any download in flight. A member the pack did not
+deliver (pack missing, corrupt, or a member that does not match) is fetched alone.
+
 Write-back: with the mount's `cache.grid` on, a blob fetched from a later tier is
 written to every writable grid cache tried before it (so a grid cache that missed it,
 or held a corrupt copy, is filled or repaired), in the background.
@@ -42,6 +47,7 @@ LOCAL_BATCH = 64  # blobs per LMDB write transaction when storing in the backgro
 HASH_IN_THREAD = 1 << 20  # hash blobs larger than this off the trio loop
 WRITEBACK_BUDGET = 64 << 20  # bytes of blobs queued for grid write-back; beyond it write-back is skipped
 MEMORY_BUDGET = 64 << 20
+BAD_PACKS = 4096  # packs remembered as failed, not tried again
 
 
 class FetchError(Exception):
@@ -92,6 +98,8 @@ class Counters:
     writebacks: int = 0
     writeback_errors: int = 0
     writebacks_skipped: int = 0
+    packs: int = 0  # packs downloaded
+    pack_members: int = 0  # blobs had from them
 
 
 class MemoryLRU:
@@ -138,6 +146,7 @@ class _Flight:
         self.result: bytes | None = None
         self.tier = ""
         self.error = ""
+        self.retry = False  # a pack's member the pack did not deliver: fetch it alone
 
 
 class Fetcher:
@@ -162,6 +171,8 @@ class Fetcher:
         self._foreground = 0  # foreground network fetches in progress
         self._foreground_idle = trio.Event()
         self._foreground_idle.set()
+        self._packs_inflight: set[str] = set()
+        self._bad_packs: OrderedDict[str, None] = OrderedDict()
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -220,34 +231,38 @@ class Fetcher:
                 n.start_soon(one, h)
 
     async def get(self, h: str, *, local: bool = True, grid: bool = True,
-                  account: dict[str, int] | None = None, background: bool = False) -> bytes:
+                  account: dict[str, int] | None = None, background: bool = False, keep: bool = True) -> bytes:
         """The whole blob `h`, verified. Raises FetchError within `timeout` seconds.
 
         `local`/`grid`: keep the blob in the local cache / write it back to the grid caches.
         `account` (a mount's bytes-by-tier) is credited with the bytes downloaded from a grid
         cache or stor, once per download (the mount's reads credit "local" themselves).
-        `background` (prefetch) fetches wait while foreground fetches are in progress."""
+        `background` (prefetch) fetches wait while foreground fetches are in progress.
+        `keep` False: not kept in memory either (a pack, whose members are what is kept)."""
         if background:
             await self.wait_foreground_idle()
-        data = self._cached(h)
-        if data is not None:
-            return data
-        flight = self._inflight.get(h)
-        if flight is not None:
+        for _ in range(3):  # a pack that failed a member sends us round again; bounded
+            data = self._cached(h)
+            if data is not None:
+                return data
+            flight = self._inflight.get(h)
+            if flight is None:
+                break
             await flight.done.wait()
-            if flight.result is None:
+            if flight.result is not None:
+                if local and not flight.local:
+                    await self._store_local(h, flight.result)
+                return flight.result
+            if not flight.retry:
                 raise FetchError(flight.error)
-            if local and not flight.local:
-                await self._store_local(h, flight.result)
-            return flight.result
+        else:
+            raise FetchError(f"blob {h}: still in flight after 3 waits")
         flight = self._inflight[h] = _Flight(local)
         if not background:
-            if self._foreground == 0:
-                self._foreground_idle = trio.Event()
-            self._foreground += 1
+            self._foreground_enter()
         try:
             flight.result, flight.tier = await self._fetch(h, local=local, grid=grid, account=account,
-                                                           defer_local=not background)
+                                                           defer_local=not background, keep=keep)
         except FetchError as e:
             flight.error = str(e)
             raise
@@ -258,13 +273,114 @@ class Fetcher:
             del self._inflight[h]
             flight.done.set()
             if not background:
-                self._foreground -= 1
-                if self._foreground == 0:
-                    self._foreground_idle.set()
+                self._foreground_exit()
         return flight.result
 
-    async def _fetch(self, h: str, *, local: bool, grid: bool,
-                     account: dict[str, int] | None, defer_local: bool = False) -> tuple[bytes, str]:
+    def _foreground_enter(self) -> None:
+        if self._foreground == 0:
+            self._foreground_idle = trio.Event()
+        self._foreground += 1
+
+    def _foreground_exit(self) -> None:
+        self._foreground -= 1
+        if self._foreground == 0:
+            self._foreground_idle.set()
+
+    def _missing(self, h: str) -> bool:
+        return h not in self._inflight and self.memory.get(h) is None and not self.cache.has(h)
+
+    def fetch_pack(self, pack: str, members: list[tuple[str, int, int]], *, local: bool, grid: bool,
+                   account: dict[str, int] | None) -> None:
+        """Fetch pack `pack` in the background for its members (hash, offset, size) that are
+        missing; from the moment this returns, readers of those members wait for the pack."""
+        if self.nursery is None:
+            return
+        flights = self._pack_flights(pack, members, local)
+        if flights:
+            self._foreground_enter()
+            self.nursery.start_soon(self._fetch_pack, pack, flights, local, grid, account, True)
+
+    async def load_pack(self, pack: str, members: list[tuple[str, int, int]], *, local: bool,
+                        grid: bool) -> list[str]:
+        """Prefetch: fetch pack `pack` now (after foreground fetches) for its missing members,
+        stored before this returns; returns the members it did not deliver (fetch them alone)."""
+        await self.wait_foreground_idle()
+        if pack in self._bad_packs:
+            return [h for h, _, _ in members if self._missing(h)]
+        flights = self._pack_flights(pack, members, local)
+        if flights:
+            await self._fetch_pack(pack, flights, local, grid, None, False)
+        return [h for h, (f, _, _) in flights.items() if f.result is None]
+
+    def _pack_flights(self, pack: str, members: list[tuple[str, int, int]],
+                      local: bool) -> dict[str, tuple[_Flight, int, int]]:
+        """In-flight records for the missing members of a pack not already coming or failed."""
+        if pack in self._packs_inflight or pack in self._bad_packs:
+            return {}
+        flights: dict[str, tuple[_Flight, int, int]] = {}
+        for h, off, size in members:
+            if h not in flights and self._missing(h):
+                flights[h] = (_Flight(local), off, size)
+        for h, (f, _, _) in flights.items():
+            self._inflight[h] = f
+        if flights:
+            self._packs_inflight.add(pack)
+        return flights
+
+    async def _fetch_pack(self, pack: str, flights: dict[str, tuple[_Flight, int, int]], local: bool,
+                          grid: bool, account: dict[str, int] | None, foreground: bool) -> None:
+        data: bytes | None = None
+        error = ""
+        try:
+            try:
+                data = await self.get(pack, local=False, grid=grid, account=account, keep=False)
+                self.counters.packs += 1
+            except FetchError as e:
+                error = str(e)
+            if data is not None:
+                pieces = {h: data[off:off + size] for h, (_, off, size) in flights.items()}
+
+                def verify() -> dict[str, bool]:
+                    return {h: hashlib.sha256(p).hexdigest() == h for h, p in pieces.items()}
+
+                good = await trio.to_thread.run_sync(verify) if len(data) > HASH_IN_THREAD else verify()
+                keep: list[tuple[str, bytes]] = []
+                for h, (f, _, size) in flights.items():
+                    if good[h] and len(pieces[h]) == size:
+                        f.result, f.tier = pieces[h], "pack"
+                        self.counters.pack_members += 1
+                        keep.append((h, f.result))
+                    elif not error:
+                        error = f"pack {pack}: member {h} does not match its hash"
+                        log.error("%s: members fetched alone", error, extra={"BLOB": pack})
+                if not local:
+                    for h, b in keep:
+                        self.memory.put(h, b)
+                elif foreground:  # readers have the bytes at once; the LMDB write follows
+                    for h, b in keep:
+                        self.memory.put(h, b)
+                        self._queue_local(h, b)
+                else:  # prefetch: in the local cache when it returns
+                    await self._put_local(keep)
+            if error:
+                self._bad_packs[pack] = None
+                if len(self._bad_packs) > BAD_PACKS:
+                    self._bad_packs.popitem(last=False)
+        finally:
+            for h, (f, _, _) in flights.items():
+                if f.result is None:
+                    f.error = error or f"pack {pack}: fetch interrupted"
+                    f.retry = True
+                if self._inflight.get(h) is f:
+                    del self._inflight[h]
+                f.done.set()
+            self._packs_inflight.discard(pack)
+            if foreground:
+                self._foreground_exit()
+
+    async def _fetch(self, h: str, *, local: bool, grid: bool, account: dict[str, int] | None,
+                     defer_local: bool = False, keep: bool = True) -> tuple[bytes, str]:
+        """Download and verify `h`; `keep` False: a pack, kept in no cache (its members are)."""
         self.counters.misses += 1
         problems: list[str] = []
         corrupt: list[Source] = []
@@ -282,7 +398,8 @@ class Fetcher:
         self.counters.bytes_by_tier[src.tier] += len(data)
         if account is not None:
             account[src.tier] += len(data)
-        await self._keep(h, data, src, local=local, grid=grid, corrupt=corrupt, defer_local=defer_local)
+        await self._keep(h, data, src, local=local, grid=grid, corrupt=corrupt, defer_local=defer_local,
+                         memory=keep)
         return data, src.tier
 
     async def _search(self, h: str, problems: list[str], corrupt: list[Source]) -> tuple[bytes, Source] | None:
@@ -358,16 +475,19 @@ class Fetcher:
         try:
             while self._pending_local:
                 batch, self._pending_local = self._pending_local[:LOCAL_BATCH], self._pending_local[LOCAL_BATCH:]
-                try:
-                    stored = await trio.to_thread.run_sync(self.cache.put_many, batch)
-                except Exception as e:  # a broken disk must not fail reads
-                    log.error("local cache: could not store %d blobs: %s", len(batch), e)
-                    stored = [False] * len(batch)
-                for (h, data), ok in zip(batch, stored, strict=True):
-                    if not ok:
-                        self.memory.put(h, data)
+                await self._put_local(batch)
         finally:
             self._writer_running = False
+
+    async def _put_local(self, blobs: list[tuple[str, bytes]]) -> None:
+        try:
+            stored = await trio.to_thread.run_sync(self.cache.put_many, blobs)
+        except Exception as e:  # a broken disk must not fail reads
+            log.error("local cache: could not store %d blobs: %s", len(blobs), e)
+            stored = [False] * len(blobs)
+        for (h, data), ok in zip(blobs, stored, strict=True):
+            if not ok:
+                self.memory.put(h, data)
 
     async def _store_local(self, h: str, data: bytes) -> None:
         try:
@@ -379,8 +499,10 @@ class Fetcher:
             self.memory.put(h, data)
 
     async def _keep(self, h: str, data: bytes, src: Source, *, local: bool, grid: bool,
-                    corrupt: list[Source], defer_local: bool = False) -> None:
-        if local and defer_local and self.nursery is not None:
+                    corrupt: list[Source], defer_local: bool = False, memory: bool = True) -> None:
+        if not memory:
+            pass
+        elif local and defer_local and self.nursery is not None:
             # the reader gets the bytes now; the LMDB write (a thread hop and a copy) follows,
             # and the in-memory cache serves the blob until it has landed
             self.memory.put(h, data)

@@ -337,19 +337,30 @@ class Operations(DebugWrites, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=not editable, direct_io=False)
 
     async def _fetch_siblings(self, node: Node) -> None:
-        """On the first cache miss of a small file in a directory, fetch its small siblings too,
-        in parallel: programs read a directory's files one after the other (imports, tar, cp),
-        and from a remote stor each one alone would cost a round trip."""
+        """On a cache miss of a small file, fetch its small siblings too: programs read a
+        directory's files one after the other (imports, tar, cp), and from a remote stor each
+        one alone would cost a round trip. Packed files come with their pack (and the
+        directory's next pack); a tree without packs has the siblings fetched in parallel."""
         parent = self.nodes.get(node.parent)
-        if parent is None or parent.siblings_fetched or self.cache.has(node.entry.hash):
+        if parent is None or not parent.entry.hash:
+            return
+        if not node.entry.pack and parent.siblings_fetched:
+            return
+        if self.cache.has(node.entry.hash):
+            return
+        cfg = parent.mount.cfg
+        entries, _ = await self.load_dir(parent.entry.hash, grid=cfg.cache_grid)
+        if node.entry.pack:
+            packs = list(dict.fromkeys(e.pack for e in entries if e.pack))
+            i = packs.index(node.entry.pack) if node.entry.pack in packs else 0
+            for pack in packs[i:i + 2]:
+                members = [(e.hash, e.pack_off, e.size) for e in entries if e.pack == pack]
+                self.fetcher.fetch_pack(pack, members, local=cfg.cache_local, grid=cfg.cache_grid,
+                                        account=parent.mount.bytes_by_tier)
             return
         parent.siblings_fetched = True
-        if not parent.entry.hash:
-            return
-        entries, _ = await self.load_dir(parent.entry.hash, grid=parent.mount.cfg.cache_grid)
         hashes = [e.hash for e in entries
                   if e.kind == KIND_FILE and e.hash and 0 < e.size <= SIBLING_MAX_SIZE][:SIBLING_MAX_FILES]
-        cfg = parent.mount.cfg
         self.fetcher.fetch_many(hashes, local=cfg.cache_local, grid=cfg.cache_grid, account=parent.mount.bytes_by_tier)
 
     @guarded

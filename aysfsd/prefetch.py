@@ -3,7 +3,8 @@
 Runs in the background with a few workers only, and each worker waits while foreground
 reads are fetching from the network (`Fetcher.get(background=True)`), so readers come first.
 With `local`, every blob not in the local cache is fetched into it; with `grid`, every
-writable grid cache that does not have a blob (HEAD / stat) gets it written.
+writable grid cache that does not have a blob (HEAD / stat) gets it written. Packed small
+files go as their packs (what readers fetch too): a pack is one item of the progress.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ class Progress:
         return d
 
 
-async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[tuple[str, int]], p: Progress,
+Members = list[tuple[str, int, int]]  # a pack's members: (hash, offset, size)
+Item = tuple[str, int, Members]  # a blob or pack to prefetch: (hash, size, members if a pack)
+
+
+async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[Item], p: Progress,
                 grid: bool) -> None:
     """Send every blob of the tree (directory objects included) once; identical subtrees once."""
     seen: set[str] = set()
@@ -53,20 +58,24 @@ async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[tuple[s
         while stack:
             h = stack.pop()
             data_entries, _ = await ops.load_dir(h, grid=grid)
-            todo = [(h, 0)]
+            todo: list[Item] = [(h, 0, [])]
+            packs: dict[str, tuple[int, Members]] = {}
             for e in data_entries:
                 if e.kind == KIND_DIR:
                     if e.hash not in seen:
                         stack.append(e.hash)
+                elif e.pack:
+                    packs.setdefault(e.pack, (e.pack_size, []))[1].append((e.hash, e.pack_off, e.size))
                 else:
-                    todo.extend(e.blobs())
-            for bh, size in todo:
-                if bh in seen:
+                    todo.extend((bh, size, []) for bh, size in e.blobs())
+            todo.extend((ph, size, members) for ph, (size, members) in packs.items())
+            for item in todo:
+                if item[0] in seen:
                     continue
-                seen.add(bh)
+                seen.add(item[0])
                 p.blobs_total += 1
-                p.bytes_total += size
-                await send.send((bh, size))
+                p.bytes_total += item[1]
+                await send.send(item)
 
 
 async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
@@ -79,7 +88,7 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
         p.state = "failed"
         return p
     root = mp.ref.root
-    send, recv = trio.open_memory_channel[tuple[str, int]](256)
+    send, recv = trio.open_memory_channel[Item](256)
     last = 0.0
 
     def tick() -> None:
@@ -89,9 +98,16 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
             last = now
             on_progress(p)
 
-    async def one(h: str, size: int) -> None:
+    async def one(h: str, members: Members) -> None:
         data: bytes | None = None
-        if local and not ops.cache.has(h):
+        if local and members:
+            if any(not ops.cache.has(m) for m, _, _ in members):
+                alone = await fetcher.load_pack(h, members, local=True, grid=mp.cfg.cache_grid and not grid)
+                p.fetched_blobs += 1
+                p.fetched_bytes += sum(size for _, _, size in members)
+                for m in alone:  # the ones the pack did not deliver
+                    await fetcher.get(m, local=True, grid=False, background=True)
+        elif local and not ops.cache.has(h):
             # with `grid` the blob is written to the grid caches below, not also by write-back
             data = await fetcher.get(h, local=True, grid=mp.cfg.cache_grid and not grid, background=True)
             p.fetched_blobs += 1
@@ -106,8 +122,8 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
                         continue
                     if data is None:
                         # grid=False: written right here, not also by the fetcher's write-back
-                        data = await fetcher.get(h, local=local or mp.cfg.cache_local, grid=False,
-                                                 background=True)
+                        data = await fetcher.get(h, local=(local or mp.cfg.cache_local) and not members,
+                                                 grid=False, background=True, keep=not members)
                         p.fetched_blobs += 1
                         p.fetched_bytes += len(data)
                     await g.store.store(rel, data)
@@ -125,11 +141,11 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
                         "its first blobs will be evicted", mp.name, p.bytes_total, ops.cache.limit,
                         extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
 
-    async def worker(recv: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
+    async def worker(recv: trio.MemoryReceiveChannel[Item]) -> None:
         async with recv:
-            async for h, size in recv:
+            async for h, size, members in recv:
                 try:
-                    await one(h, size)
+                    await one(h, members)
                 except (FetchError, StoreError) as e:
                     p.errors += 1
                     log.warning("prefetch %s: blob %s: %s", mp.name, h, e,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -13,7 +14,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .layout import blob_path, ref_path
 from .ref import Ref, decode_ref, new_ref, public_key_text, sign
 from .stores import Store
-from .tree import CHUNK_SIZE, KIND_DIR, KIND_FILE, KIND_LINK, Entry, check_name, encode_dir
+from .tree import (
+    CHUNK_SIZE,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_LINK,
+    PACK_FILE_MAX,
+    PACK_SIZE,
+    Entry,
+    check_name,
+    encode_dir,
+)
 
 
 @dataclass
@@ -27,6 +38,7 @@ class PublishResult:
     uploaded_blobs: int = 0
     uploaded_bytes: int = 0
     skipped_blobs: int = 0
+    packs: int = 0
     ref_changed: bool = False
     skipped_special: list[str] = field(default_factory=list)
 
@@ -52,7 +64,7 @@ class Publisher:
         self.result.uploaded_blobs += 1
         self.result.uploaded_bytes += len(data)
 
-    def _file(self, path: str, st: os.stat_result, name: str) -> Entry:
+    def _file(self, path: str, st: os.stat_result, name: str, pack: _Pack) -> Entry:
         pieces: list[tuple[str, int]] = []
         size = 0
         with open(path, "rb") as f:
@@ -62,6 +74,8 @@ class Publisher:
                     break
                 h = hashlib.sha256(data).hexdigest()
                 self._upload(h, data)
+                if len(data) < CHUNK_SIZE and not pieces and 0 < len(data) <= PACK_FILE_MAX:
+                    pack.add(name, data)
                 pieces.append((h, len(data)))
                 size += len(data)
                 if len(data) < CHUNK_SIZE:
@@ -75,6 +89,7 @@ class Publisher:
 
     def _dir(self, path: str) -> str:
         entries: list[Entry] = []
+        pack = _Pack(self._upload_pack)
         with os.scandir(path) as it:
             names = sorted(it, key=lambda d: d.name)
         for d in names:
@@ -88,15 +103,21 @@ class Publisher:
             elif stat.S_ISDIR(st.st_mode):
                 entries.append(Entry(name, KIND_DIR, mode, 0, mtime, hash=self._dir(d.path)))
             elif stat.S_ISREG(st.st_mode):
-                entries.append(self._file(d.path, st, name))
+                entries.append(self._file(d.path, st, name, pack))
             else:
                 self.result.skipped_special.append(d.path)
+        pack.flush()
+        entries = [pack.place(e) for e in entries]
         self.result.dirs += 1
         self.progress(path)
         data = encode_dir(entries)
         h = hashlib.sha256(data).hexdigest()
         self._upload(h, data)
         return h
+
+    def _upload_pack(self, h: str, data: bytes) -> None:
+        self.result.packs += 1
+        self._upload(h, data)
 
     def publish(self, src: str, ays_id: str, sign_key: Ed25519PrivateKey | None = None) -> PublishResult:
         if not os.path.isdir(src):
@@ -117,6 +138,39 @@ class Publisher:
             self.result.ref = ref
             self.result.ref_changed = True
         return self.result
+
+
+class _Pack:
+    """Packs a directory's small files, in name order, into blobs of at most PACK_SIZE bytes
+    (see aysfsd.tree); a pack of a single file is not worth a request and is not made."""
+
+    def __init__(self, upload: Callable[[str, bytes], None]) -> None:
+        self.upload = upload
+        self.buf = bytearray()
+        self.members: list[tuple[str, int]] = []  # (name, offset) in the current pack
+        self.placed: dict[str, tuple[str, int, int]] = {}  # name -> (pack hash, offset, pack size)
+
+    def add(self, name: str, data: bytes) -> None:
+        if len(self.buf) + len(data) > PACK_SIZE:
+            self.flush()
+        self.members.append((name, len(self.buf)))
+        self.buf += data
+
+    def flush(self) -> None:
+        if len(self.members) > 1:
+            data = bytes(self.buf)
+            h = hashlib.sha256(data).hexdigest()
+            self.upload(h, data)
+            for name, off in self.members:
+                self.placed[name] = (h, off, len(data))
+        self.buf.clear()
+        self.members.clear()
+
+    def place(self, e: Entry) -> Entry:
+        p = self.placed.get(e.name)
+        if p is None:
+            return e
+        return dataclasses.replace(e, pack=p[0], pack_off=p[1], pack_size=p[2])
 
 
 def publish(src: str, ays_id: str, store: Store) -> PublishResult:

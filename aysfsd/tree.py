@@ -3,11 +3,19 @@
 A directory object is a blob: canonical JSON (sorted by name, no spaces, UTF-8)
 
     {"aysfs":"dir","v":1,"entries":[{"n":name,"t":"f|d|l","m":perm,"s":size,
-      "mt":mtime_ns,"h":hash,"c":[[hash,size],...],"l":target}, ...]}
+      "mt":mtime_ns,"h":hash,"c":[[hash,size],...],"l":target,"p":[pack,offset]}, ...],
+     "packs":[[hash,size],...]}
 
 `h` is the content hash of a file (whole file, when not chunked) or the hash of a
 subdirectory's object; `c` replaces `h` for a file split into chunks; `l` is a
 symlink's target, kept as published (the kernel resolves it, the daemon never does).
+
+Packs: the small files of a directory are also published concatenated, in name order,
+into pack blobs of at most PACK_SIZE bytes (`packs`, present only when a directory
+has any); a packed file's `p` gives the index of its pack and its offset there. A
+cold reader fetches one pack instead of one blob per file (one request per directory
+rather than per file), and still checks every member against its own `h`; each file
+stays a blob of its own too, so a missing or corrupt pack costs speed, not data.
 Decoding validates everything: names that could escape a directory, sizes that do
 not add up and malformed hashes are refused with the object's hash in the error.
 """
@@ -20,6 +28,9 @@ from dataclasses import dataclass
 from .layout import HASH_RE
 
 CHUNK_SIZE = 4 * 1024 * 1024
+PACK_SIZE = 4 * 1024 * 1024  # a pack blob is at most this big...
+PACK_FILE_MAX = 128 * 1024  # ...and holds files of at most this size
+MAX_PACKS = 65536
 MAX_ENTRIES = 1_000_000
 MAX_FILE_SIZE = 1 << 44  # 16 TiB: anything larger in metadata is hostile
 MAX_NAME = 255
@@ -42,6 +53,9 @@ class Entry:
     hash: str = ""  # file content (unchunked) or directory object
     chunks: tuple[tuple[str, int], ...] = ()
     target: str = ""
+    pack: str = ""  # a small file: the pack blob holding it too (see the module docstring)
+    pack_off: int = 0
+    pack_size: int = 0
 
     def blobs(self) -> tuple[tuple[str, int], ...]:
         """The (hash, size) pieces holding a file's bytes, in order."""
@@ -49,7 +63,7 @@ class Entry:
             return ()
         return self.chunks if self.chunks else ((self.hash, self.size),)
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self, pack_index: int = -1) -> dict[str, object]:
         d: dict[str, object] = {"n": self.name, "t": self.kind, "m": self.mode, "s": self.size, "mt": self.mtime_ns}
         if self.chunks:
             d["c"] = [[h, s] for h, s in self.chunks]
@@ -57,6 +71,8 @@ class Entry:
             d["h"] = self.hash
         if self.kind == KIND_LINK:
             d["l"] = self.target
+        if pack_index >= 0:
+            d["p"] = [pack_index, self.pack_off]
         return d
 
 
@@ -74,7 +90,15 @@ def check_name(name: object) -> str:
 def encode_dir(entries: list[Entry]) -> bytes:
     """Canonical bytes of a directory object (same entries → same bytes → same hash)."""
     ents = sorted(entries, key=lambda e: e.name)
-    obj = {"aysfs": "dir", "v": 1, "entries": [e.to_json() for e in ents]}
+    packs: dict[str, int] = {}  # pack hash -> index, in order of first use
+    for e in ents:
+        if e.pack and e.pack not in packs:
+            packs[e.pack] = len(packs)
+    sizes = {e.pack: e.pack_size for e in ents if e.pack}
+    obj: dict[str, object] = {"aysfs": "dir", "v": 1,
+                              "entries": [e.to_json(packs[e.pack] if e.pack else -1) for e in ents]}
+    if packs:
+        obj["packs"] = [[h, sizes[h]] for h in packs]
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
 
 
@@ -91,10 +115,35 @@ def _hash(v: object) -> str:
     return v
 
 
-def _entry(d: object) -> Entry:
+def _packs(raw: object) -> list[tuple[str, int]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_PACKS:
+        raise TreeError(f"packs must be a non-empty list of at most {MAX_PACKS}")
+    out = []
+    for p in raw:
+        if not isinstance(p, list) or len(p) != 2 or type(p[1]) is not int or not 0 < p[1] <= PACK_SIZE:
+            raise TreeError(f"bad pack {p!r:.80}")
+        out.append((_hash(p[0]), p[1]))
+    return out
+
+
+def _packed(name: str, d: dict[str, object], size: int, packs: list[tuple[str, int]]) -> tuple[str, int, int]:
+    """A small file's place in a pack: (pack hash, offset, pack size)."""
+    p = d["p"]
+    if (not isinstance(p, list) or len(p) != 2 or type(p[0]) is not int or type(p[1]) is not int
+            or not 0 <= p[0] < len(packs) or "h" not in d or not 0 < size <= PACK_FILE_MAX):
+        raise TreeError(f"{name!r}: bad pack reference {p!r:.80}")
+    ph, psize = packs[p[0]]
+    if not 0 <= p[1] <= psize - size:
+        raise TreeError(f"{name!r}: {size} bytes at offset {p[1]!r} do not fit its pack of {psize}")
+    return ph, p[1], psize
+
+
+def _entry(d: object, packs: list[tuple[str, int]]) -> Entry:
     if not isinstance(d, dict):
         raise TreeError("entry is not an object")
-    unknown = set(d) - {"n", "t", "m", "s", "mt", "h", "c", "l"}
+    unknown = set(d) - {"n", "t", "m", "s", "mt", "h", "c", "l", "p"}
     if unknown:
         raise TreeError(f"unknown entry fields {sorted(unknown)}")
     name = check_name(d.get("n"))
@@ -105,8 +154,8 @@ def _entry(d: object) -> Entry:
     if kind == KIND_FILE:
         if "c" in d:
             raw = d["c"]
-            if not isinstance(raw, list) or not raw or "h" in d:
-                raise TreeError(f"{name!r}: chunk list must be a non-empty list, without 'h'")
+            if not isinstance(raw, list) or not raw or "h" in d or "p" in d:
+                raise TreeError(f"{name!r}: chunk list must be a non-empty list, without 'h' or 'p'")
             chunks = []
             for c in raw:
                 if not isinstance(c, list) or len(c) != 2 or type(c[1]) is not int or not 0 < c[1] <= CHUNK_SIZE:
@@ -119,7 +168,13 @@ def _entry(d: object) -> Entry:
             return Entry(name, kind, mode, size, mtime, chunks=tuple(chunks))
         if size > CHUNK_SIZE:
             raise TreeError(f"{name!r}: unchunked file of {size} bytes (> {CHUNK_SIZE})")
+        if "p" in d:
+            ph, poff, psize = _packed(name, d, size, packs)
+            return Entry(name, kind, mode, size, mtime, hash=_hash(d.get("h")), pack=ph, pack_off=poff,
+                         pack_size=psize)
         return Entry(name, kind, mode, size, mtime, hash=_hash(d.get("h")))
+    if "p" in d:
+        raise TreeError(f"{name!r}: only a file can be in a pack")
     if kind == KIND_DIR:
         return Entry(name, kind, mode, 0, mtime, hash=_hash(d.get("h")))
     if kind == KIND_LINK:
@@ -139,7 +194,11 @@ def decode_dir(data: bytes, obj_hash: str = "?") -> list[Entry]:
         raw = obj.get("entries")
         if not isinstance(raw, list) or len(raw) > MAX_ENTRIES:
             raise TreeError(f"entries must be a list of at most {MAX_ENTRIES}")
-        entries = [_entry(d) for d in raw]
+        unknown = set(obj) - {"aysfs", "v", "entries", "packs"}
+        if unknown:
+            raise TreeError(f"unknown fields {sorted(unknown)}")
+        packs = _packs(obj.get("packs"))
+        entries = [_entry(d, packs) for d in raw]
         for a, b in zip(entries, entries[1:], strict=False):
             if a.name >= b.name:
                 raise TreeError(f"entries not sorted or duplicate name {b.name!r:.80}")

@@ -219,3 +219,43 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- packs (see aysfsd.tree) ------------------------------------------------------------------------
+
+
+def stor_dir_objects(stor: Path) -> list[dict]:
+    """Every directory object among the blobs of a directory stor (or grid cache)."""
+    import json
+
+    out = []
+    for p in (stor / "blobs").glob("*/*"):
+        try:
+            obj = json.loads(p.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(obj, dict) and obj.get("aysfs") == "dir":
+            out.append(obj)
+    return out
+
+
+def stor_packs(stor: Path) -> tuple[set[str], set[str]]:
+    """(the packs, the packed files' own blobs) named by a stor's directory objects."""
+    packs: set[str] = set()
+    members: set[str] = set()
+    for obj in stor_dir_objects(stor):
+        packs.update(h for h, _ in obj.get("packs", []))
+        members.update(e["h"] for e in obj["entries"] if "p" in e)
+    return packs, members
+
+
+def pack_holding(stor: Path, data: bytes) -> str:
+    """The hash of the pack that holds a small file with these bytes."""
+    import hashlib
+
+    h = hashlib.sha256(data).hexdigest()
+    for obj in stor_dir_objects(stor):
+        for e in obj["entries"]:
+            if e.get("h") == h and "p" in e:
+                return obj["packs"][e["p"][0]][0]
+    raise AssertionError(f"no pack holds {h}")

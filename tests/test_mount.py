@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -129,18 +130,84 @@ def test_two_mounts_share_the_cache_and_survive_stor_down(work: Path, published:
     assert not mounted(a) and not mounted(b)
 
 
+def dir_object(stor: Path, root: str, rel: str) -> dict:
+    """The decoded directory object at `rel` (a/b) of the tree `root` in a directory stor."""
+    obj = json.loads((stor / blob_path(root)).read_bytes())
+    for part in filter(None, rel.split("/")):
+        h = next(e["h"] for e in obj["entries"] if e["n"] == part)
+        obj = json.loads((stor / blob_path(h)).read_bytes())
+    return obj
+
+
+def pack_of(stor: Path, root: str, rel: str) -> str:
+    """The hash of the pack holding the small file `rel`."""
+    d, name = rel.rsplit("/", 1)
+    obj = dir_object(stor, root, d)
+    e = next(e for e in obj["entries"] if e["n"] == name)
+    return obj["packs"][e["p"][0]][0]
+
+
+def test_small_files_are_published_in_packs_and_fetched_by_pack(
+        work: Path, published: tuple[Path, Nginx, str]) -> None:
+    src, nginx, root = published
+    obj = dir_object(nginx.root, root, "lib/email")
+    packs = [(h, size, (nginx.root / blob_path(h)).read_bytes()) for h, size in obj["packs"]]
+    packed = 0
+    for e in obj["entries"]:
+        data = (src / "lib" / "email" / e["n"]).read_bytes() if e["t"] == "f" else b""
+        if "p" in e:  # the pack holds the file's bytes at its offset, and the file is a blob of its own too
+            pack = packs[e["p"][0]][2]
+            assert pack[e["p"][1]:e["p"][1] + e["s"]] == data
+            assert (nginx.root / blob_path(e["h"])).read_bytes() == data
+            packed += 1
+        elif e["t"] == "f":
+            assert len(data) > 128 * 1024 or not data, e["n"]
+    assert packed >= 20 and all(len(p) == size <= 4 << 20 for _, size, p in packs)
+    mnt = work / "mnt"
+    with start(work, [nginx.url], {AYS: str(mnt)}):
+        files = sorted(p for p in (src / "lib" / "email").iterdir() if p.is_file() and p.stat().st_size)
+        for p in files:
+            assert (mnt / "lib" / "email" / p.name).read_bytes() == p.read_bytes()
+        st = ctl(work / "d" / "aysfsd.sock", {"cmd": "status"})[-1]
+        unpacked = sum(1 for e in obj["entries"] if e["t"] == "f" and e["s"] and "p" not in e)
+        # directory objects (at most all of them: subdirectories are fetched ahead), the email
+        # packs, the files too big for a pack: far fewer requests than files
+        dirs = 1 + sum(1 for p in src.rglob("*") if p.is_dir() and not p.is_symlink())
+        assert st["cache"]["packs"] == len(packs) and st["cache"]["pack_members"] >= packed
+        assert st["sources"][0]["fetched_blobs"] <= dirs + len(packs) + unpacked
+        assert len(packs) + unpacked <= len(files) // 5
+        assert st["sources"][0]["corrupt"] == 0
+
+
+def test_corrupt_pack_costs_speed_not_data(work: Path, published: tuple[Path, Nginx, str]) -> None:
+    src, nginx, root = published
+    pack = pack_of(nginx.root, root, "lib/json/decoder.py")
+    good = (nginx.root / blob_path(pack)).read_bytes()
+    (nginx.root / blob_path(pack)).write_bytes(good.replace(b"def ", b"DEF "))
+    mnt = work / "mnt"
+    with start(work, [nginx.url], {AYS: str(mnt)}) as d:
+        for p in sorted((src / "lib" / "json").iterdir()):
+            if p.is_file():
+                assert (mnt / "lib" / "json" / p.name).read_bytes() == p.read_bytes()
+        assert f"corrupt blob {pack} from {nginx.url}" in d.log()
+        st = ctl(work / "d" / "aysfsd.sock", {"cmd": "status"})[-1]
+        assert st["sources"][0]["corrupt"] == 1 and st["cache"]["pack_members"] == 0
+
+
 def test_corrupt_blob_gives_eio_never_bad_bytes(work: Path, published: tuple[Path, Nginx, str]) -> None:
-    src, nginx, _ = published
+    src, nginx, root = published
     data = (src / "lib" / "json" / "decoder.py").read_bytes()
     h = hashlib.sha256(data).hexdigest()
     (nginx.root / blob_path(h)).write_bytes(data.replace(b"def ", b"DEF "))
+    pack = pack_of(nginx.root, root, "lib/json/decoder.py")  # and the pack holding it: no good copy left
+    (nginx.root / blob_path(pack)).write_bytes((nginx.root / blob_path(pack)).read_bytes()[:-1] + b"!")
     mnt = work / "mnt"
     with start(work, [nginx.url], {AYS: str(mnt)}) as d:
         with pytest.raises(OSError) as e:
             (mnt / "lib" / "json" / "decoder.py").read_bytes()
         assert e.value.errno == errno.EIO
         log = d.log()
-        assert f"corrupt blob {h} from {nginx.url}" in log
+        assert f"corrupt blob {h} from {nginx.url}" in log and f"corrupt blob {pack} from {nginx.url}" in log
         assert (mnt / "lib" / "json" / "encoder.py").read_bytes() == (src / "lib/json/encoder.py").read_bytes()
         # truncated: same answer
         big = (src / "data" / "big.bin").read_bytes()

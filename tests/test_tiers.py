@@ -23,7 +23,7 @@ import lmdb
 import pytest
 
 from aysfsd.tree import CHUNK_SIZE
-from tests.harness import Daemon, aysctl, ctl, sample_tree, tree_listing, wait_for
+from tests.harness import Daemon, aysctl, ctl, pack_holding, sample_tree, stor_packs, tree_listing, wait_for
 from tests.servers import Nginx, Sshd
 
 AYS = "jumpscale|tiers!main"
@@ -75,6 +75,16 @@ def blob_files(root: Path) -> dict[str, Path]:
     """hash -> path of every blob under a stor/grid root (temp files excluded)."""
     d = root / "blobs"
     return {p.name: p for p in d.glob("*/*") if not p.name.startswith(".")} if d.is_dir() else {}
+
+
+def read_set(stor: Path) -> set[str]:
+    """The blobs reading every file fetches: small files come as their packs."""
+    return set(blob_files(stor)) - stor_packs(stor)[1] - {EMPTY}
+
+
+def cached_set(stor: Path) -> set[str]:
+    """The blobs the local cache holds once every file was read: packs' members, not packs."""
+    return set(blob_files(stor)) - stor_packs(stor)[0]
 
 
 def assert_blobs_valid(root: Path) -> None:
@@ -155,7 +165,9 @@ def test_ssh_stor_end_to_end(work: Path, tree: Path, sshd_server: Sshd) -> None:
         st = status(work, "d")
         src = st["sources"][0]
         assert src["url"] == url and src["tier"] == "stor"
-        assert src["fetched_blobs"] == len(set(blob_files(path)) - {EMPTY}) and not src["down"]
+        # every blob once: alone, or as a member of a pack (the packs are blobs of the stor too)
+        assert src["fetched_blobs"] + st["cache"]["pack_members"] == len(set(blob_files(path)) - {EMPTY})
+        assert st["cache"]["packs"] >= 3 and not src["down"]
 
 
 # -- grid caches ------------------------------------------------------------------------------------
@@ -163,7 +175,7 @@ def test_ssh_stor_end_to_end(work: Path, tree: Path, sshd_server: Sshd) -> None:
 
 def test_two_daemons_share_a_directory_grid_cache(work: Path, tree: Path, nginx_stor: Nginx) -> None:
     publish(tree, nginx_stor.url)
-    want = set(blob_files(nginx_stor.root)) - {EMPTY}  # what reading every file fetches
+    want = read_set(nginx_stor.root)  # what reading every file fetches
     grid = work / "grid"
     grid.mkdir()
     m1, m2 = work / "m1", work / "m2"
@@ -188,7 +200,7 @@ def test_two_daemons_share_a_directory_grid_cache(work: Path, tree: Path, nginx_
 
 def test_http_grid_cache_write_back_and_corrupt_blob_repair(work: Path, tree: Path, nginx_stor: Nginx) -> None:
     publish(tree, nginx_stor.url)
-    want = set(blob_files(nginx_stor.root)) - {EMPTY}  # what reading every file fetches
+    want = read_set(nginx_stor.root)  # what reading every file fetches
     gridsrv = second_nginx(work, "gridroot")
     try:
         def cfg(name: str, mnt: Path) -> str:
@@ -200,11 +212,11 @@ def test_http_grid_cache_write_back_and_corrupt_blob_repair(work: Path, tree: Pa
             assert tree_listing(m1) == tree_listing(tree)
             wait_for(lambda: set(blob_files(gridsrv.root)) == want, 10, "write-back over HTTP PUT")
         assert_blobs_valid(gridsrv.root)
-        # corrupt one file's blob in the grid cache
+        # corrupt, in the grid cache, the pack that holds a file
         good = (tree / "lib" / "json" / "decoder.py").read_bytes()
-        h = hashlib.sha256(good).hexdigest()
+        h = pack_holding(gridsrv.root, good)
         gpath = gridsrv.root / "blobs" / h[:2] / h
-        gpath.write_bytes(good.replace(b"def ", b"DEF "))
+        gpath.write_bytes(gpath.read_bytes().replace(b"def ", b"DEF "))
         with start(work, "d2", cfg("d2", m2), [m2]) as d2:
             assert (m2 / "lib" / "json" / "decoder.py").read_bytes() == good  # from the stor
             log = d2.log()
@@ -256,7 +268,8 @@ def test_stor_killed_mid_run_fails_over_then_all_down_gives_eio(work: Path, tree
             assert srcs[0]["down"] and srcs[0]["failures"] >= 1 and not srcs[1]["down"]
             distinct = {hashlib.sha256((tree / p.relative_to(mnt)).read_bytes()).hexdigest()
                         for p in json_files + email_files} - {EMPTY}
-            assert srcs[1]["fetched_blobs"] >= len(distinct)
+            assert srcs[1]["fetched_blobs"] >= 1
+            assert srcs[1]["fetched_blobs"] + status(work, "d")["cache"]["pack_members"] >= len(distinct)
             assert f"source {nginx_stor.url} marked down" in d.log()
             # every stor down: uncached files fail with EIO in bounded time, cached ones read fine
             b.stop()
@@ -392,7 +405,7 @@ def test_cache_flags_off_keep_file_blobs_out_of_local_and_grid(work: Path, tree:
 
 def test_prefetch_local_fills_the_local_cache(work: Path, tree: Path, nginx_stor: Nginx) -> None:
     publish(tree, nginx_stor.url)
-    want = set(blob_files(nginx_stor.root))
+    want = cached_set(nginx_stor.root)
     mnt = work / "mnt"
     text = config(work / "d", [{"url": nginx_stor.url}],
                   [{"id": AYS, "mnt": str(mnt), "prefetch.cache.local": True}])
@@ -405,7 +418,8 @@ def test_prefetch_local_fills_the_local_cache(work: Path, tree: Path, nginx_stor
         wait_for(done, 20, "prefetch done", interval=0.1)
         st = status(work, "d")
         pf = st["mounts"][0]["prefetch"]
-        assert pf["blobs_done"] == pf["blobs_total"] == len(want) and pf["errors"] == 0
+        assert pf["blobs_done"] == pf["blobs_total"] == len(read_set(nginx_stor.root) | {EMPTY})
+        assert pf["errors"] == 0 and st["cache"]["packs"] >= 3
         assert st["cache"]["entries"] == len(want)
         assert lmdb_blobs(work / "d" / "cache") == want  # the tier itself, read directly
         nginx_stor.stop()
@@ -415,7 +429,7 @@ def test_prefetch_local_fills_the_local_cache(work: Path, tree: Path, nginx_stor
 def test_prefetch_grid_with_local_off_fills_only_the_grid_cache(work: Path, tree: Path,
                                                                  nginx_stor: Nginx) -> None:
     publish(tree, nginx_stor.url)
-    want = set(blob_files(nginx_stor.root))
+    want = read_set(nginx_stor.root) | {EMPTY}
     grid = work / "grid"
     grid.mkdir()
     mnt = work / "mnt"
@@ -504,7 +518,7 @@ def proxy() -> Iterator[ForwardProxy]:
 def test_http_stor_and_grid_cache_through_a_proxy(work: Path, tree: Path, nginx_stor: Nginx,
                                                   proxy: ForwardProxy) -> None:
     publish(tree, nginx_stor.url)
-    want = set(blob_files(nginx_stor.root)) - {EMPTY}  # what reading every file fetches
+    want = read_set(nginx_stor.root)  # what reading every file fetches
     gridsrv = second_nginx(work, "gridroot")
     try:
         mnt = work / "mnt"

@@ -121,8 +121,8 @@ def test_unsigned_without_keys_warns_once(work: Path) -> None:
 H = "a" * 64
 
 
-def dir_bytes(entries: list[dict]) -> bytes:
-    return json.dumps({"aysfs": "dir", "v": 1, "entries": entries}).encode()
+def dir_bytes(entries: list[dict], **top: object) -> bytes:
+    return json.dumps({"aysfs": "dir", "v": 1, "entries": entries, **top}).encode()
 
 
 def f(name: object, **kw: object) -> dict:
@@ -149,13 +149,25 @@ HOSTILE = {
     "bad-mode": ([f("a", m=0o170000)], "'m'"),
     "link-nul": ([{"n": "l", "t": "l", "m": 0o777, "s": 1, "mt": 0, "l": "a\x00"}], "bad symlink target"),
     "unknown-field": ([f("a", x=1)], "unknown entry fields"),
+    "unknown-top-field": ([f("a")], "unknown fields ['x']", {"x": 1}),
+    "pack-index-out-of-range": ([f("a", p=[1, 0])], "bad pack reference", {"packs": [[H, 10]]}),
+    "pack-without-packs": ([f("a", p=[0, 0])], "bad pack reference"),
+    "pack-member-past-end": ([f("a", s=5, p=[0, 6])], "do not fit its pack of 10", {"packs": [[H, 10]]}),
+    "pack-negative-offset": ([f("a", p=[0, -1])], "do not fit", {"packs": [[H, 10]]}),
+    "pack-too-big": ([f("a", p=[0, 0])], "bad pack", {"packs": [[H, (4 << 20) + 1]]}),
+    "pack-bad-hash": ([f("a", p=[0, 0])], "bad hash", {"packs": [["../x", 10]]}),
+    "pack-empty-list": ([f("a")], "packs must be a non-empty list", {"packs": []}),
+    "pack-of-a-dir": ([f("a", t="d", p=[0, 0])], "only a file can be in a pack", {"packs": [[H, 10]]}),
+    "pack-of-chunked": ([{"n": "a", "t": "f", "m": 0o644, "s": 4, "mt": 0, "c": [[H, 4]], "p": [0, 0]}],
+                        "without 'h' or 'p'", {"packs": [[H, 10]]}),
+    "pack-big-member": ([f("a", s=(128 << 10) + 1, p=[0, 0])], "bad pack reference", {"packs": [[H, 4 << 20]]}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_directory_objects_refused(case: str) -> None:
-    entries, message = HOSTILE[case]
-    data = dir_bytes(entries)
+    entries, message, *top = HOSTILE[case]
+    data = dir_bytes(entries, **(top[0] if top else {}))
     with pytest.raises(TreeError) as e:
         decode_dir(data, "objhash")
     assert "directory object objhash" in str(e.value) and message in str(e.value), str(e.value)
