@@ -28,7 +28,7 @@ from .fs_debug import DebugWrites
 from .fuseguard import erofs, guarded
 from .nodes import MountPoint, Node, OpenFile
 from .ref import Ref
-from .tree import CHUNK_SIZE, KIND_DIR, KIND_FILE, KIND_LINK, Entry, TreeError, decode_dir
+from .tree import CHUNK_SIZE, KIND_DIR, KIND_FILE, KIND_LINK, Entry, NameIndex, TreeError, decode_dir
 
 log = logging.getLogger("aysfsd.fs")
 
@@ -57,7 +57,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         self.open_files: dict[int, OpenFile] = {}
         self._next_ino = ROOT_INO + 1
         self._next_fh = 1
-        self._dirs: OrderedDict[str, tuple[list[Entry], dict[str, int]]] = OrderedDict()
+        self._dirs: OrderedDict[str, tuple[list[Entry], NameIndex]] = OrderedDict()
         self.started = time.time()
         self._debug_mtimes = {}
         cache.set_pinned(self.pinned_blobs)
@@ -108,7 +108,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
 
     # -- tree access --------------------------------------------------------------------------
 
-    async def load_dir(self, h: str, grid: bool = True) -> tuple[list[Entry], dict[str, int]]:
+    async def load_dir(self, h: str, grid: bool = True) -> tuple[list[Entry], NameIndex]:
         """A directory object by hash, decoded and validated (kept in memory and LMDB)."""
         d = self._dirs.get(h)
         if d is not None:
@@ -123,7 +123,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         # one level ahead: directory walks (find, imports, tar) fetch subdirectories in parallel
         self.fetcher.fetch_many([e.hash for e in entries if e.kind == KIND_DIR], local=True, grid=grid,
                                 account=None)
-        d = (entries, {e.name: i for i, e in enumerate(entries)})
+        d = (entries, NameIndex(entries))
         self._dirs[h] = d
         if len(self._dirs) > DIR_CACHE:
             self._dirs.popitem(last=False)
@@ -135,11 +135,11 @@ class Operations(DebugWrites, pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node
 
-    async def _dir_of(self, node: Node) -> tuple[list[Entry], dict[str, int]]:
+    async def _dir_of(self, node: Node) -> tuple[list[Entry], NameIndex]:
         if node.entry.kind != KIND_DIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if not node.entry.hash:
-            return [], {}
+            return [], NameIndex([])
         try:
             return await self.load_dir(node.entry.hash, grid=node.mount.cfg.cache_grid)
         except FetchError as e:
@@ -156,7 +156,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
         if node is not None and (dbg is not None or node.dbg is not None) and node.entry.kind == entry.kind:
             node.entry, node.dbg, node.tree_entry = entry, dbg, tree_entry  # an edited file keeps its inode
         elif node is None or node.entry != entry:
-            path = f"{parent.path}/{entry.name}" if parent.path else entry.name
+            # the path is for debug mode's filter and keys only: not kept for 100,000s of nodes
+            path = "" if not parent.mount.cfg.debug else f"{parent.path}/{entry.name}" if parent.path else entry.name
             node = Node(self._new_ino(), parent.mount, entry, parent.ino, path, dbg=dbg, tree_entry=tree_entry)
             self.nodes[node.ino] = node
             parent.children[entry.name] = node.ino

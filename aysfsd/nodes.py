@@ -48,7 +48,7 @@ class Node:
     mount: MountPoint
     entry: Entry
     parent: int
-    path: str = ""  # relative to the mount root
+    path: str = ""  # relative to the mount root; debug mounts only
     lookups: int = 0
     children: dict[str, int] | None = None
     dbg: PathState | None = None  # debug mode: the edited version this node shows

@@ -22,6 +22,7 @@ not add up and malformed hashes are refused with the object's hash in the error.
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 
@@ -74,6 +75,36 @@ class Entry:
         if pack_index >= 0:
             d["p"] = [pack_index, self.pack_off]
         return d
+
+
+class NameIndex:
+    """Position of a name in a directory's entries (sorted by name): a bisection, not a dict,
+    because a mount of 100,000 files keeps every directory it serves in memory."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self._entries = entries
+
+    def get(self, name: str) -> int | None:
+        i = bisect.bisect_left(self._entries, name, key=_name)
+        return i if i < len(self._entries) and self._entries[i].name == name else None
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def __getitem__(self, name: str) -> int:
+        i = self.get(name)
+        if i is None:
+            raise KeyError(name)
+        return i
+
+
+def _name(e: Entry) -> str:
+    return e.name
+
+
+_SHARED: dict[int, int] = {}  # one int object per distinct mode among many entries
 
 
 def check_name(name: object) -> str:
@@ -149,6 +180,7 @@ def _entry(d: object, packs: list[tuple[str, int]]) -> Entry:
     name = check_name(d.get("n"))
     kind = d.get("t")
     mode = _int(d, "m", 0, 0o7777)
+    mode = _SHARED.setdefault(mode, mode)
     size = _int(d, "s", 0, MAX_FILE_SIZE)
     mtime = _int(d, "mt", -(1 << 62), 1 << 62)
     if kind == KIND_FILE:
