@@ -79,6 +79,10 @@ class Daemon:
         self.started = time.time()
         self._warned_unsigned: set[str] = set()
         self._read_ahead_set = False
+        # the session's superblock is read-only until a debug mount needs writes: the kernel then
+        # keeps file attributes across reads (on a writable one every READ marks atime stale,
+        # and the next stat costs a GETATTR request per file)
+        self._session_ro = not any(a.debug for a in cfg.ays)
         self.debug_log = self._debug_log
 
     # -- refs ---------------------------------------------------------------------------------
@@ -189,6 +193,9 @@ class Daemon:
             raise RuntimeError(f"no version of {mp.cfg.id!r} found: {e}") from None
         self._checked[mp.name] = time.monotonic()
         self.ops.set_ref(mp, ref)
+        if mp.cfg.debug and self._session_ro:
+            await sysmount.remount_rw(self.fuse_root)
+            self._session_ro = False
         if mp.cfg.debug and mp.overlay is None:
             mp.overlay = DebugOverlay(mp.name, self.cfg.debug)
             await mp.overlay.load()
@@ -429,6 +436,8 @@ class Daemon:
         os.makedirs(self.fuse_root, mode=0o755, exist_ok=True)
         options = set(pyfuse3.default_options)
         options |= {"fsname=" + sysmount.FSNAME, "subtype=aysfs", "allow_other", "default_permissions"}
+        if self._session_ro:
+            options.add("ro")
         pyfuse3.init(self.ops, self.fuse_root, options)
         log.info("FUSE session at %s", self.fuse_root)
         try:

@@ -91,6 +91,11 @@ async def bind(source: str, target: str, read_only: bool) -> None:
             raise
 
 
+async def remount_rw(mountpoint: str) -> None:
+    """Make the FUSE session's superblock writable (its read-only bind mounts stay read-only)."""
+    await _run("mount", "-i", "-o", "remount,rw", mountpoint)
+
+
 async def unbind(target: str) -> bool:
     """Unmount a bind mount; lazily when busy. True when it was unmounted at once."""
     try:

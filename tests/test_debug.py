@@ -166,3 +166,37 @@ def test_debug_tail_follows_new_entries(work: Path, setup: tuple[Path, Path, Pat
         nxt = json.loads(f.readline())  # within the socket timeout: followed, not polled by us
         assert nxt["path"] == "lib/json/scanner.py" and nxt["hash"] == "" and nxt["AYSFS_MOUNT"] == NAME
         s.close()
+
+
+def super_options(path: Path) -> set[str]:
+    """The superblock options of the mount at `path` (from /proc/self/mountinfo)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(path):
+            return set(line.split(" - ")[1].split()[2].split(","))
+    raise AssertionError(f"{path} is not mounted")
+
+
+def test_session_read_only_until_a_debug_mount_comes(work: Path, setup: tuple[Path, Path, Path]) -> None:
+    src, cfg, mnt = setup
+    debug_text = cfg.read_text()
+    plain = work / "plain"
+    # first without the debug mount: the session superblock is read-only
+    cfg.write_text(debug_text.replace(f"id = '{AYS}'\nname = '{NAME}'\nmnt = \"{mnt}\"\ndebug = true",
+                                      f"id = '{AYS}'\nname = 'plain'\nmnt = \"{plain}\""))
+    with Daemon(cfg, work / "d.log").start(wait_mounts=[plain]):
+        assert "ro" in super_options(work / "st" / "fuse")
+        with pytest.raises(OSError) as e:
+            (plain / "lib" / "json" / "decoder.py").write_bytes(b"x")
+        assert e.value.errno == errno.EROFS
+        # a reload adds the debug mount: the session becomes writable, the plain mount stays read-only
+        cfg.write_text(cfg.read_text() + debug_text.split("[[ays]]", 1)[1].join(["\n[[ays]]", ""]))
+        r = ctl(work / "st" / "aysfsd.sock", {"cmd": "reload"})[-1]
+        assert r["ok"], r
+        assert "rw" in super_options(work / "st" / "fuse")
+        (mnt / "lib" / "json" / "decoder.py").write_bytes(b"X = 2\n")
+        assert (mnt / "lib" / "json" / "decoder.py").read_bytes() == b"X = 2\n"
+        with pytest.raises(OSError) as e:
+            (plain / "lib" / "json" / "decoder.py").write_bytes(b"x")
+        assert e.value.errno == errno.EROFS
+        assert (plain / "lib" / "json" / "decoder.py").read_bytes() == (src / "lib/json/decoder.py").read_bytes()
