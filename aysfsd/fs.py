@@ -39,6 +39,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 DIR_CACHE = 8192  # decoded directory objects kept in memory
 SIBLING_MAX_SIZE = 256 * 1024  # small files of a directory are fetched together...
 SIBLING_MAX_FILES = 256  # ...up to this many at a time
+PACKS_AT_ONCE = 16  # packs of a directory fetched together (see _fetch_siblings)
 
 
 class Operations(DebugWrites, pyfuse3.Operations):
@@ -343,20 +344,25 @@ class Operations(DebugWrites, pyfuse3.Operations):
         one alone would cost a round trip. Packed files come with their pack (and the
         directory's next pack); a tree without packs has the siblings fetched in parallel."""
         parent = self.nodes.get(node.parent)
-        if parent is None or not parent.entry.hash:
-            return
-        if not node.entry.pack and parent.siblings_fetched:
+        if parent is None or not parent.entry.hash or parent.siblings_fetched:
             return
         if self.cache.has(node.entry.hash):
             return
         cfg = parent.mount.cfg
         entries, _ = await self.load_dir(parent.entry.hash, grid=cfg.cache_grid)
         if node.entry.pack:
-            packs = list(dict.fromkeys(e.pack for e in entries if e.pack))
+            # the file's pack and the directory's next ones, in parallel: the directory is the
+            # unit of locality (imports, tar), and a pack is at most PACK_SIZE
+            by_pack: dict[str, list[tuple[str, int, int]]] = {}
+            for e in entries:
+                if e.pack:
+                    by_pack.setdefault(e.pack, []).append((e.hash, e.pack_off, e.size))
+            packs = list(by_pack)
             i = packs.index(node.entry.pack) if node.entry.pack in packs else 0
-            for pack in packs[i:i + 2]:
-                members = [(e.hash, e.pack_off, e.size) for e in entries if e.pack == pack]
-                self.fetcher.fetch_pack(pack, members, local=cfg.cache_local, grid=cfg.cache_grid,
+            todo = (packs[i:] + packs[:i])[:PACKS_AT_ONCE]
+            parent.siblings_fetched = len(todo) == len(packs)
+            for pack in todo:
+                self.fetcher.fetch_pack(pack, by_pack[pack], local=cfg.cache_local, grid=cfg.cache_grid,
                                         account=parent.mount.bytes_by_tier)
             return
         parent.siblings_fetched = True

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .layout import HASH_RE
 
 CHUNK_SIZE = 4 * 1024 * 1024
-PACK_SIZE = 4 * 1024 * 1024  # a pack blob is at most this big...
+PACK_SIZE = 1 * 1024 * 1024  # a pack blob is at most this big...
 PACK_FILE_MAX = 128 * 1024  # ...and holds files of at most this size
 MAX_PACKS = 65536
 MAX_ENTRIES = 1_000_000

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from aysfsd.layout import blob_path, ref_path
 from aysfsd.ref import RefError, decode_ref
-from aysfsd.tree import CHUNK_SIZE, TreeError, decode_dir, encode_dir
+from aysfsd.tree import CHUNK_SIZE, PACK_SIZE, TreeError, decode_dir, encode_dir
 from tests.harness import Daemon, aysctl, basic_config, ctl, mounted, wait_for
 
 AYS = "jumpscale|signed!main"
@@ -154,13 +154,13 @@ HOSTILE = {
     "pack-without-packs": ([f("a", p=[0, 0])], "bad pack reference"),
     "pack-member-past-end": ([f("a", s=5, p=[0, 6])], "do not fit its pack of 10", {"packs": [[H, 10]]}),
     "pack-negative-offset": ([f("a", p=[0, -1])], "do not fit", {"packs": [[H, 10]]}),
-    "pack-too-big": ([f("a", p=[0, 0])], "bad pack", {"packs": [[H, (4 << 20) + 1]]}),
+    "pack-too-big": ([f("a", p=[0, 0])], "bad pack", {"packs": [[H, PACK_SIZE + 1]]}),
     "pack-bad-hash": ([f("a", p=[0, 0])], "bad hash", {"packs": [["../x", 10]]}),
     "pack-empty-list": ([f("a")], "packs must be a non-empty list", {"packs": []}),
     "pack-of-a-dir": ([f("a", t="d", p=[0, 0])], "only a file can be in a pack", {"packs": [[H, 10]]}),
     "pack-of-chunked": ([{"n": "a", "t": "f", "m": 0o644, "s": 4, "mt": 0, "c": [[H, 4]], "p": [0, 0]}],
                         "without 'h' or 'p'", {"packs": [[H, 10]]}),
-    "pack-big-member": ([f("a", s=(128 << 10) + 1, p=[0, 0])], "bad pack reference", {"packs": [[H, 4 << 20]]}),
+    "pack-big-member": ([f("a", s=(128 << 10) + 1, p=[0, 0])], "bad pack reference", {"packs": [[H, PACK_SIZE]]}),
 }
 
 
