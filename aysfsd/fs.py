@@ -39,6 +39,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 DIR_CACHE = 8192  # decoded directory objects kept in memory
 SIBLING_MAX_SIZE = 256 * 1024  # small files of a directory are fetched together...
 SIBLING_MAX_FILES = 256  # ...up to this many at a time
+READAHEAD_CHUNKS = 2  # chunks a sequential reader has fetched ahead of it
 PACKS_AT_ONCE = 16  # packs of a directory fetched together (see _fetch_siblings)
 
 
@@ -371,7 +372,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         self.fetcher.fetch_many(hashes, local=cfg.cache_local, grid=cfg.cache_grid, account=parent.mount.bytes_by_tier)
 
     @guarded
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]  # pyfuse3 takes any buffer
         of = self.open_files.get(fh)
         if of is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -386,20 +387,20 @@ class Operations(DebugWrites, pyfuse3.Operations):
             of.entry, of.dbg = of.node.tree_entry, None  # redis down: the published version
         return await self._read_tree(of, off, size)
 
-    async def _read_tree(self, of: OpenFile, off: int, size: int) -> bytes:
+    async def _read_tree(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
         e, mp = of.entry, of.node.mount
         end = min(off + size, e.size)
         if off >= end:
             return b""
         pieces = e.blobs()
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         pos = off
         while pos < end:
             idx = pos // CHUNK_SIZE
             h, csize = pieces[idx]
             coff = pos - idx * CHUNK_SIZE
             n = min(end - pos, csize - coff)
-            data = self.cache.get_range(h, coff, n)
+            data: bytes | memoryview | None = self.cache.get_range(h, coff, n)
             if data is None:
                 mp.misses += 1
                 try:
@@ -413,7 +414,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
                     log.error("mount %s: blob %s is %d bytes, tree says %d", mp.name, h, len(blob), csize,
                               extra={"AYSFS_MOUNT": mp.name, "BLOB": h})
                     raise pyfuse3.FUSEError(errno.EIO)
-                data = blob[coff:coff + n]
+                # a view, not a copy, of a big read (the blob is immutable bytes)
+                data = memoryview(blob)[coff:coff + n] if n > 65536 else blob[coff:coff + n]
             else:
                 mp.hits += 1
                 mp.bytes_by_tier["local"] += len(data)
@@ -421,10 +423,10 @@ class Operations(DebugWrites, pyfuse3.Operations):
             pos += n
         mp.bytes_read += end - off
         if off == of.next_off and len(pieces) > 1:
-            # a sequential reader: fetch the next chunk while this one is consumed
+            # a sequential reader: fetch the next chunks while this one is consumed
             nxt = (end - 1) // CHUNK_SIZE + 1
-            if nxt < len(pieces):
-                self.fetcher.readahead(pieces[nxt][0], local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
+            for h, _ in pieces[nxt:nxt + READAHEAD_CHUNKS]:
+                self.fetcher.readahead(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
                                        account=mp.bytes_by_tier)
         of.next_off = end
         return out[0] if len(out) == 1 else b"".join(out)
