@@ -382,6 +382,7 @@ class Fetcher:
                      defer_local: bool = False, keep: bool = True) -> tuple[bytes, str]:
         """Download and verify `h`; `keep` False: a pack, kept in no cache (its members are)."""
         self.counters.misses += 1
+        t0 = time.monotonic()
         problems: list[str] = []
         corrupt: list[Source] = []
         found: tuple[bytes, Source] | None = None
@@ -393,6 +394,8 @@ class Fetcher:
                 problems.append(f"gave up after fetch_timeout {self.timeout:g}s")
             raise FetchError(f"blob {h} not available: " + "; ".join(problems or ["no sources configured"]))
         data, src = found
+        log.debug("fetched %s (%d bytes) from %s in %.1f ms", h, len(data), src.name, (time.monotonic() - t0) * 1e3,
+                  extra={"BLOB": h, "SOURCE": src.name})
         src.fetched_blobs += 1
         src.fetched_bytes += len(data)
         self.counters.bytes_by_tier[src.tier] += len(data)

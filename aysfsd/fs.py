@@ -342,8 +342,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
     async def _fetch_siblings(self, node: Node) -> None:
         """On a cache miss of a small file, fetch its small siblings too: programs read a
         directory's files one after the other (imports, tar, cp), and from a remote stor each
-        one alone would cost a round trip. Packed files come with their pack (and the
-        directory's next pack); a tree without packs has the siblings fetched in parallel."""
+        one alone would cost a round trip. Packed files come with their directory's packs; in
+        a tree published without packs the small siblings are fetched in parallel."""
         parent = self.nodes.get(node.parent)
         if parent is None or not parent.entry.hash or parent.siblings_fetched:
             return
@@ -366,6 +366,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 self.fetcher.fetch_pack(pack, by_pack[pack], local=cfg.cache_local, grid=cfg.cache_grid,
                                         account=parent.mount.bytes_by_tier)
             return
+        if any(e.pack for e in entries):
+            return  # a file too big for a pack: just itself (packs cover the small ones)
         parent.siblings_fetched = True
         hashes = [e.hash for e in entries
                   if e.kind == KIND_FILE and e.hash and 0 < e.size <= SIBLING_MAX_SIZE][:SIBLING_MAX_FILES]
