@@ -301,15 +301,16 @@ class Fetcher:
             self.nursery.start_soon(self._fetch_pack, pack, flights, local, grid, account, True)
 
     async def load_pack(self, pack: str, members: list[tuple[str, int, int]], *, local: bool,
-                        grid: bool) -> list[str]:
-        """Prefetch: fetch pack `pack` now (after foreground fetches) for its missing members,
-        stored before this returns; returns the members it did not deliver (fetch them alone)."""
+                        grid: bool, data: bytes | None = None) -> list[str]:
+        """Prefetch: fetch pack `pack` now (after foreground fetches; or take its verified
+        bytes `data`) for its missing members, stored before this returns; returns the members
+        it did not deliver (fetch them alone)."""
         await self.wait_foreground_idle()
         if pack in self._bad_packs:
             return [h for h, _, _ in members if self._missing(h)]
         flights = self._pack_flights(pack, members, local)
         if flights:
-            await self._fetch_pack(pack, flights, local, grid, None, False)
+            await self._fetch_pack(pack, flights, local, grid, None, False, data)
         return [h for h, (f, _, _) in flights.items() if f.result is None]
 
     def _pack_flights(self, pack: str, members: list[tuple[str, int, int]],
@@ -328,12 +329,13 @@ class Fetcher:
         return flights
 
     async def _fetch_pack(self, pack: str, flights: dict[str, tuple[_Flight, int, int]], local: bool,
-                          grid: bool, account: dict[str, int] | None, foreground: bool) -> None:
-        data: bytes | None = None
+                          grid: bool, account: dict[str, int] | None, foreground: bool,
+                          data: bytes | None = None) -> None:
         error = ""
         try:
             try:
-                data = await self.get(pack, local=False, grid=grid, account=account, keep=False)
+                if data is None:
+                    data = await self.get(pack, local=False, grid=grid, account=account, keep=False)
                 self.counters.packs += 1
             except FetchError as e:
                 error = str(e)

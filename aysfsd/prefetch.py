@@ -98,38 +98,47 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
             last = now
             on_progress(p)
 
-    async def one(h: str, members: Members) -> None:
+    async def to_grid(h: str, members: Members) -> bytes | None:
+        """Write `h` to every writable grid cache that lacks it; its bytes, if fetched."""
         data: bytes | None = None
+        rel = blob_path(h)
+        for g in list(fetcher.grid):
+            if not g.writable or g.is_down():
+                continue
+            try:
+                if await g.store.contains(rel):
+                    continue
+                if data is None:
+                    # grid=False: written right here, not also by the fetcher's write-back; a pack
+                    # is kept in no cache (its members are, below)
+                    data = await fetcher.get(h, local=(local or mp.cfg.cache_local) and not members,
+                                             grid=False, background=True, keep=not members)
+                    p.fetched_blobs += 1
+                    p.fetched_bytes += len(data)
+                await g.store.store(rel, data)
+            except StoreError as e:
+                g.mark_down(f"prefetch: {e}", h)  # the other blobs skip it
+                raise
+        return data
+
+    async def one(h: str, members: Members) -> None:
+        # the grid caches first: a pack fetched for them is then split for the local cache
+        # rather than fetched twice (a blob fetched for them is already in the local cache)
+        data = await to_grid(h, members) if grid else None
         if local and members:
             if any(not ops.cache.has(m) for m, _, _ in members):
-                alone = await fetcher.load_pack(h, members, local=True, grid=mp.cfg.cache_grid and not grid)
-                p.fetched_blobs += 1
-                p.fetched_bytes += sum(size for _, _, size in members)
+                alone = await fetcher.load_pack(h, members, local=True, grid=mp.cfg.cache_grid and not grid,
+                                                data=data)
+                if data is None:
+                    p.fetched_blobs += 1
+                    p.fetched_bytes += sum(size for _, _, size in members)
                 for m in alone:  # the ones the pack did not deliver
                     await fetcher.get(m, local=True, grid=False, background=True)
         elif local and not ops.cache.has(h):
-            # with `grid` the blob is written to the grid caches below, not also by write-back
+            # with `grid` the blob was written to the grid caches above, not also by write-back
             data = await fetcher.get(h, local=True, grid=mp.cfg.cache_grid and not grid, background=True)
             p.fetched_blobs += 1
             p.fetched_bytes += len(data)
-        if grid:
-            rel = blob_path(h)
-            for g in list(fetcher.grid):
-                if not g.writable or g.is_down():
-                    continue
-                try:
-                    if await g.store.contains(rel):
-                        continue
-                    if data is None:
-                        # grid=False: written right here, not also by the fetcher's write-back
-                        data = await fetcher.get(h, local=(local or mp.cfg.cache_local) and not members,
-                                                 grid=False, background=True, keep=not members)
-                        p.fetched_blobs += 1
-                        p.fetched_bytes += len(data)
-                    await g.store.store(rel, data)
-                except StoreError as e:
-                    g.mark_down(f"prefetch: {e}", h)  # the other blobs skip it
-                    raise
 
     warned = False
 

@@ -539,3 +539,28 @@ def test_http_stor_and_grid_cache_through_a_proxy(work: Path, tree: Path, nginx_
         assert puts == want
     finally:
         gridsrv.stop()
+
+
+def test_prefetch_local_and_grid_fetches_each_blob_once(work: Path, tree: Path, nginx_stor: Nginx) -> None:
+    publish(tree, nginx_stor.url)
+    grid = work / "grid"
+    grid.mkdir()
+    mnt = work / "mnt"
+    text = config(work / "d", [{"url": nginx_stor.url}],
+                  [{"id": AYS, "mnt": str(mnt), "prefetch.cache.local": True, "prefetch.cache.grid": True}],
+                  [{"mnt": str(grid)}])
+    with start(work, "d", text, [mnt]):
+        def done() -> bool:
+            pf = status(work, "d")["mounts"][0]["prefetch"]
+            return pf is not None and pf["state"] == "done"
+
+        wait_for(done, 20, "prefetch done", interval=0.1)
+        st = status(work, "d")
+        assert st["mounts"][0]["prefetch"]["errors"] == 0
+        assert set(blob_files(grid)) == read_set(nginx_stor.root) | {EMPTY}  # packs, not their members
+        assert_blobs_valid(grid)
+        assert lmdb_blobs(work / "d" / "cache") == cached_set(nginx_stor.root)  # members, not packs
+        stor = st["sources"][1]
+        assert stor["tier"] == "stor" and stor["fetched_blobs"] == len(read_set(nginx_stor.root) | {EMPTY})
+        nginx_stor.stop()
+        assert tree_listing(mnt) == tree_listing(tree)
