@@ -47,11 +47,15 @@ LOCAL_BATCH = 64  # blobs per LMDB write transaction when storing in the backgro
 HASH_IN_THREAD = 1 << 20  # hash blobs larger than this off the trio loop
 WRITEBACK_BUDGET = 64 << 20  # bytes of blobs queued for grid write-back; beyond it write-back is skipped
 MEMORY_BUDGET = 64 << 20
-BAD_PACKS = 4096  # packs remembered as failed, not tried again
+BAD_PACKS = 4096  # packs remembered as failed: not tried again for a while (see _pack_failed)
 
 
 class FetchError(Exception):
     """A blob could not be had from any tier (missing, corrupt or unreachable everywhere)."""
+
+    def __init__(self, message: str, corrupt_only: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt_only = corrupt_only  # every source that answered had a corrupt copy
 
 
 @dataclass(eq=False)
@@ -172,7 +176,7 @@ class Fetcher:
         self._foreground_idle = trio.Event()
         self._foreground_idle.set()
         self._packs_inflight: set[str] = set()
-        self._bad_packs: OrderedDict[str, None] = OrderedDict()
+        self._bad_packs: OrderedDict[str, float] = OrderedDict()  # pack -> when it may be tried again
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -286,6 +290,18 @@ class Fetcher:
         if self._foreground == 0:
             self._foreground_idle.set()
 
+    def _pack_failed(self, pack: str, corrupt: bool) -> None:
+        """A pack that did not deliver: its members are fetched alone for a while (for good
+        when it is corrupt: its bytes cannot change; DOWN_SECONDS when it was unreachable)."""
+        self._bad_packs[pack] = float("inf") if corrupt else time.monotonic() + DOWN_SECONDS
+        self._bad_packs.move_to_end(pack)
+        if len(self._bad_packs) > BAD_PACKS:
+            self._bad_packs.popitem(last=False)
+
+    def _pack_bad(self, pack: str) -> bool:
+        until = self._bad_packs.get(pack)
+        return until is not None and time.monotonic() < until
+
     def _missing(self, h: str) -> bool:
         return h not in self._inflight and self.memory.get(h) is None and not self.cache.has(h)
 
@@ -306,7 +322,7 @@ class Fetcher:
         bytes `data`) for its missing members, stored before this returns; returns the members
         it did not deliver (fetch them alone)."""
         await self.wait_foreground_idle()
-        if pack in self._bad_packs:
+        if self._pack_bad(pack):
             return [h for h, _, _ in members if self._missing(h)]
         flights = self._pack_flights(pack, members, local)
         if flights:
@@ -316,7 +332,7 @@ class Fetcher:
     def _pack_flights(self, pack: str, members: list[tuple[str, int, int]],
                       local: bool) -> dict[str, tuple[_Flight, int, int]]:
         """In-flight records for the missing members of a pack not already coming or failed."""
-        if pack in self._packs_inflight or pack in self._bad_packs:
+        if pack in self._packs_inflight or self._pack_bad(pack):
             return {}
         flights: dict[str, tuple[_Flight, int, int]] = {}
         for h, off, size in members:
@@ -332,6 +348,7 @@ class Fetcher:
                           grid: bool, account: dict[str, int] | None, foreground: bool,
                           data: bytes | None = None) -> None:
         error = ""
+        corrupt = False
         try:
             try:
                 if data is None:
@@ -339,6 +356,7 @@ class Fetcher:
                 self.counters.packs += 1
             except FetchError as e:
                 error = str(e)
+                corrupt = e.corrupt_only
             if data is not None:
                 pieces = {h: data[off:off + size] for h, (_, off, size) in flights.items()}
 
@@ -353,7 +371,7 @@ class Fetcher:
                         self.counters.pack_members += 1
                         keep.append((h, f.result))
                     elif not error:
-                        error = f"pack {pack}: member {h} does not match its hash"
+                        error, corrupt = f"pack {pack}: member {h} does not match its hash", True
                         log.error("%s: members fetched alone", error, extra={"BLOB": pack})
                 if not local:
                     for h, b in keep:
@@ -365,9 +383,7 @@ class Fetcher:
                 else:  # prefetch: in the local cache when it returns
                     await self._put_local(keep)
             if error:
-                self._bad_packs[pack] = None
-                if len(self._bad_packs) > BAD_PACKS:
-                    self._bad_packs.popitem(last=False)
+                self._pack_failed(pack, corrupt)
         finally:
             for h, (f, _, _) in flights.items():
                 if f.result is None:
@@ -394,7 +410,8 @@ class Fetcher:
             self.counters.errors += 1
             if scope.cancelled_caught:
                 problems.append(f"gave up after fetch_timeout {self.timeout:g}s")
-            raise FetchError(f"blob {h} not available: " + "; ".join(problems or ["no sources configured"]))
+            raise FetchError(f"blob {h} not available: " + "; ".join(problems or ["no sources configured"]),
+                             corrupt_only=bool(corrupt) and len(corrupt) == len(problems))
         data, src = found
         log.debug("fetched %s (%d bytes) from %s in %.1f ms", h, len(data), src.name, (time.monotonic() - t0) * 1e3,
                   extra={"BLOB": h, "SOURCE": src.name})

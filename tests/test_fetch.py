@@ -315,3 +315,70 @@ def test_background_write_back_in_a_nursery(tmp_path: Path, cache: LocalCache) -
     trio.run(main)
     assert all(g.path(h).read_bytes() == d for h, d in zip(hs, blobs, strict=True))
     assert f.counters.writebacks == 8 and f._writeback_pending == 0
+
+
+# -- packs ------------------------------------------------------------------------------------------
+
+
+def make_pack(stor: CountingStore, files: list[bytes]) -> tuple[str, list[tuple[str, int, int]]]:
+    """A pack of `files` in the stor (each also a blob of its own): (pack hash, members)."""
+    members, off = [], 0
+    for d in files:
+        members.append((stor.put(d), off, len(d)))
+        off += len(d)
+    return stor.put(b"".join(files)), members
+
+
+def test_pack_delivers_its_members_with_one_request(tmp_path: Path, cache: LocalCache) -> None:
+    stor = CountingStore(tmp_path / "stor", delay=0.05)
+    files = [payload(200 + i, 1000 + i) for i in range(30)]
+    pack, members = make_pack(stor, files)
+    f = make(cache, [], [stor])
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            f.fetch_pack(pack, members, local=True, grid=False, account=None)
+            f.fetch_pack(pack, members, local=True, grid=False, account=None)  # already coming: nothing
+            got = [await f.get(h) for h, _, _ in members]  # readers wait for the pack
+            assert got == files
+
+    trio.run(main)
+    assert stor.fetches == 1
+    assert f.counters.packs == 1 and f.counters.pack_members == 30
+    assert all(cache.get(h) == d for (h, _, _), d in zip(members, files, strict=True))  # kept one by one
+    assert not cache.has(pack) and f.memory.get(pack) is None  # the pack itself is kept nowhere
+
+
+@pytest.mark.parametrize("damage", ["pack-corrupt", "member-mismatch", "pack-unreachable"])
+def test_pack_that_does_not_deliver_costs_requests_not_data(tmp_path: Path, cache: LocalCache, damage: str) -> None:
+    stor = CountingStore(tmp_path / "stor")
+    files = [payload(300 + i, 500) for i in range(5)]
+    pack, members = make_pack(stor, files)
+    if damage == "pack-corrupt":
+        stor.path(pack).write_bytes(b"x" + stor.path(pack).read_bytes()[1:])
+    elif damage == "member-mismatch":  # a hostile tree: the pack is intact, an offset lies
+        members[2] = (members[2][0], members[2][1] + 1, members[2][2])
+    f = make(cache, [], [stor])
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            if damage == "pack-unreachable":
+                stor.fail = "error"
+            f.fetch_pack(pack, members, local=True, grid=False, account=None)
+            await trio.sleep(0.5)  # the pack fails (retries included)
+            stor.fail = None
+            f.stors[0].mark_up()
+            got = [await f.get(h) for h, _, _ in members]
+            assert got == files  # every member right: from the pack, or alone
+            fetched = stor.fetches
+            f.fetch_pack(pack, members, local=True, grid=False, account=None)  # everything cached: nothing
+            assert stor.fetches == fetched
+
+    trio.run(main)
+    alone = {"pack-corrupt": 5, "member-mismatch": 1, "pack-unreachable": 5}[damage]
+    assert f.counters.pack_members == 5 - alone
+    assert f._pack_bad(pack)  # not tried again at once...
+    forever = f._bad_packs[pack] == float("inf")
+    assert forever == (damage != "pack-unreachable")  # ...for good when corrupt, for a while when unreachable
