@@ -19,6 +19,7 @@ from .tree import (
     KIND_DIR,
     KIND_FILE,
     KIND_LINK,
+    MAX_PACKS,
     PACK_FILE_MAX,
     PACK_SIZE,
     Entry,
@@ -149,10 +150,13 @@ class _Pack:
         self.buf = bytearray()
         self.members: list[tuple[str, int]] = []  # (name, offset) in the current pack
         self.placed: dict[str, tuple[str, int, int]] = {}  # name -> (pack hash, offset, pack size)
+        self.count = 0  # packs made
 
     def add(self, name: str, data: bytes) -> None:
         if len(self.buf) + len(data) > PACK_SIZE:
             self.flush()
+        if self.count >= MAX_PACKS:
+            return  # a directory object lists at most MAX_PACKS packs: the rest stay alone
         self.members.append((name, len(self.buf)))
         self.buf += data
 
@@ -161,6 +165,7 @@ class _Pack:
             data = bytes(self.buf)
             h = hashlib.sha256(data).hexdigest()
             self.upload(h, data)
+            self.count += 1
             for name, off in self.members:
                 self.placed[name] = (h, off, len(data))
         self.buf.clear()

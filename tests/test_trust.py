@@ -412,3 +412,24 @@ def test_connection_flood_does_not_stall_the_filesystem(daemon_sock: Path) -> No
             return False
 
     wait_for(status_ok, 15, "status after the flood")
+
+
+def test_publish_packs_at_most_max_packs_per_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aysfsd import publish
+    from aysfsd.stores import DirStore
+
+    monkeypatch.setattr(publish, "MAX_PACKS", 2)
+    monkeypatch.setattr(publish, "PACK_SIZE", 3000)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i:02}").write_bytes(bytes([i]) * 1000)
+    store = DirStore(str(tmp_path / "stor"))
+    res = publish.Publisher(store).publish(str(src), AYS)
+    entries = decode_dir((tmp_path / "stor" / blob_path(res.root)).read_bytes(), res.root)
+    packed = [e for e in entries if e.pack]
+    assert res.packs == 2 and len({e.pack for e in packed}) == 2 and len(packed) == 6  # 3 files a pack
+    for e in packed:  # each member where the directory object says, and each file a blob of its own
+        pack = (tmp_path / "stor" / blob_path(e.pack)).read_bytes()
+        assert pack[e.pack_off:e.pack_off + e.size] == (src / e.name).read_bytes()
+    assert all((tmp_path / "stor" / blob_path(e.hash)).is_file() for e in entries)
