@@ -403,6 +403,14 @@ def test_cache_flags_off_keep_file_blobs_out_of_local_and_grid(work: Path, tree:
     print(f"\ncache.grid = false: {len(blob_files(grid))} directory objects in the grid cache")
 
 
+def wait_prefetch_done(work: Path, name: str) -> None:
+    def done() -> bool:
+        pf = status(work, name)["mounts"][0]["prefetch"]
+        return pf is not None and pf["state"] == "done"
+
+    wait_for(done, 20, "prefetch done", interval=0.1)
+
+
 def test_prefetch_local_fills_the_local_cache(work: Path, tree: Path, nginx_stor: Nginx) -> None:
     publish(tree, nginx_stor.url)
     want = cached_set(nginx_stor.root)
@@ -437,11 +445,7 @@ def test_prefetch_grid_with_local_off_fills_only_the_grid_cache(work: Path, tree
                   [{"id": AYS, "mnt": str(mnt), "cache.local": False, "prefetch.cache.grid": True}],
                   [{"mnt": str(grid)}])
     with start(work, "d", text, [mnt]):
-        def done() -> bool:
-            pf = status(work, "d")["mounts"][0]["prefetch"]
-            return pf is not None and pf["state"] == "done"
-
-        wait_for(done, 20, "prefetch done", interval=0.1)
+        wait_prefetch_done(work, "d")
         assert set(blob_files(grid)) == want
         assert_blobs_valid(grid)
         st = status(work, "d")
@@ -550,11 +554,7 @@ def test_prefetch_local_and_grid_fetches_each_blob_once(work: Path, tree: Path, 
                   [{"id": AYS, "mnt": str(mnt), "prefetch.cache.local": True, "prefetch.cache.grid": True}],
                   [{"mnt": str(grid)}])
     with start(work, "d", text, [mnt]):
-        def done() -> bool:
-            pf = status(work, "d")["mounts"][0]["prefetch"]
-            return pf is not None and pf["state"] == "done"
-
-        wait_for(done, 20, "prefetch done", interval=0.1)
+        wait_prefetch_done(work, "d")
         st = status(work, "d")
         assert st["mounts"][0]["prefetch"]["errors"] == 0
         assert set(blob_files(grid)) == read_set(nginx_stor.root) | {EMPTY}  # packs, not their members
