@@ -302,7 +302,8 @@ class Fetcher:
         until = self._bad_packs.get(pack)
         return until is not None and time.monotonic() < until
 
-    def _missing(self, h: str) -> bool:
+    def missing(self, h: str) -> bool:
+        """Not cached (locally or in memory) and not being fetched."""
         return h not in self._inflight and self.memory.get(h) is None and not self.cache.has(h)
 
     def fetch_pack(self, pack: str, members: list[tuple[str, int, int]], *, local: bool, grid: bool,
@@ -323,7 +324,7 @@ class Fetcher:
         it did not deliver (fetch them alone)."""
         await self.wait_foreground_idle()
         if self._pack_bad(pack):
-            return [h for h, _, _ in members if self._missing(h)]
+            return [h for h, _, _ in members if self.missing(h)]
         flights = self._pack_flights(pack, members, local)
         if flights:
             await self._fetch_pack(pack, flights, local, grid, None, False, data)
@@ -336,7 +337,7 @@ class Fetcher:
             return {}
         flights: dict[str, tuple[_Flight, int, int]] = {}
         for h, off, size in members:
-            if h not in flights and self._missing(h):
+            if h not in flights and self.missing(h):
                 flights[h] = (_Flight(local), off, size)
         for h, (f, _, _) in flights.items():
             self._inflight[h] = f

@@ -28,7 +28,17 @@ from .fs_debug import DebugWrites
 from .fuseguard import erofs, guarded
 from .nodes import MountPoint, Node, OpenFile
 from .ref import Ref
-from .tree import CHUNK_SIZE, KIND_DIR, KIND_FILE, KIND_LINK, Entry, NameIndex, TreeError, decode_dir
+from .tree import (
+    CHUNK_SIZE,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_LINK,
+    Entry,
+    NameIndex,
+    TreeError,
+    decode_dir,
+    pack_members,
+)
 
 log = logging.getLogger("aysfsd.fs")
 
@@ -122,9 +132,12 @@ class Operations(DebugWrites, pyfuse3.Operations):
         except TreeError as e:
             log.error("%s", e, extra={"BLOB": h})
             raise pyfuse3.FUSEError(errno.EIO) from None
-        # one level ahead: directory walks (find, imports, tar) fetch subdirectories in parallel
-        self.fetcher.fetch_many([e.hash for e in entries if e.kind == KIND_DIR], local=True, grid=grid,
-                                account=None)
+        # one level ahead: directory walks (find, imports, tar) need the subdirectories next;
+        # their objects come in packs (see aysfsd.tree), the others in parallel
+        for pack, members in pack_members(entries, KIND_DIR).items():
+            self.fetcher.fetch_pack(pack, members, local=True, grid=grid, account=None)
+        self.fetcher.fetch_many([e.hash for e in entries if e.kind == KIND_DIR and not e.pack], local=True,
+                                grid=grid, account=None)
         d = (entries, NameIndex(entries))
         self._dirs[h] = d
         if len(self._dirs) > DIR_CACHE:
@@ -354,10 +367,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         if node.entry.pack:
             # the file's pack and the directory's next ones, in parallel: the directory is the
             # unit of locality (imports, tar), and a pack is at most PACK_SIZE
-            by_pack: dict[str, list[tuple[str, int, int]]] = {}
-            for e in entries:
-                if e.pack:
-                    by_pack.setdefault(e.pack, []).append((e.hash, e.pack_off, e.size))
+            by_pack = pack_members(entries, KIND_FILE)
             packs = list(by_pack)
             i = packs.index(node.entry.pack) if node.entry.pack in packs else 0
             todo = (packs[i:] + packs[:i])[:PACKS_AT_ONCE]
@@ -366,7 +376,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 self.fetcher.fetch_pack(pack, by_pack[pack], local=cfg.cache_local, grid=cfg.cache_grid,
                                         account=parent.mount.bytes_by_tier)
             return
-        if any(e.pack for e in entries):
+        if any(e.pack for e in entries if e.kind == KIND_FILE):
             return  # a file too big for a pack: just itself (packs cover the small ones)
         parent.siblings_fetched = True
         hashes = [e.hash for e in entries

@@ -20,7 +20,7 @@ from .fetch import FetchError
 from .fs import MountPoint, Operations
 from .layout import blob_path
 from .stores import StoreError
-from .tree import KIND_DIR
+from .tree import KIND_DIR, KIND_FILE, pack_members
 
 log = logging.getLogger("aysfsd.prefetch")
 WORKERS = 4
@@ -53,22 +53,23 @@ async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[Item], 
                 grid: bool) -> None:
     """Send every blob of the tree (directory objects included) once; identical subtrees once."""
     seen: set[str] = set()
-    stack = [root]
+    stack = [(root, False)]  # (directory object, whether it comes in its parent's pack)
     async with send:
         while stack:
-            h = stack.pop()
+            h, packed = stack.pop()
             data_entries, _ = await ops.load_dir(h, grid=grid)
-            todo: list[Item] = [(h, 0, [])]
-            packs: dict[str, tuple[int, Members]] = {}
+            todo: list[Item] = [] if packed else [(h, 0, [])]
             for e in data_entries:
                 if e.kind == KIND_DIR:
                     if e.hash not in seen:
-                        stack.append(e.hash)
-                elif e.pack:
-                    packs.setdefault(e.pack, (e.pack_size, []))[1].append((e.hash, e.pack_off, e.size))
-                else:
+                        stack.append((e.hash, bool(e.pack)))
+                elif not e.pack:
                     todo.extend((bh, size, []) for bh, size in e.blobs())
-            todo.extend((ph, size, members) for ph, (size, members) in packs.items())
+            # packs of small files, and of the subdirectories' objects (for the grid caches;
+            # the objects themselves are in the local cache already: the walk loaded them)
+            for kind in (KIND_FILE, KIND_DIR):
+                for ph, members in pack_members(data_entries, kind).items():
+                    todo.append((ph, members[-1][1] + members[-1][2], members))
             for item in todo:
                 if item[0] in seen:
                     continue
@@ -126,7 +127,7 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
         # rather than fetched twice (a blob fetched for them is already in the local cache)
         data = await to_grid(h, members) if grid else None
         if local and members:
-            if any(not ops.cache.has(m) for m, _, _ in members):
+            if any(fetcher.missing(m) for m, _, _ in members):
                 alone = await fetcher.load_pack(h, members, local=True, grid=mp.cfg.cache_grid and not grid,
                                                 data=data)
                 if data is None:

@@ -88,9 +88,11 @@ class Publisher:
             return Entry(name, KIND_FILE, mode, size, mtime, hash=pieces[0][0])
         return Entry(name, KIND_FILE, mode, size, mtime, chunks=tuple(pieces))
 
-    def _dir(self, path: str) -> str:
+    def _dir(self, path: str) -> tuple[str, bytes]:
+        """Publish a directory: its object's hash and bytes."""
         entries: list[Entry] = []
-        pack = _Pack(self._upload_pack)
+        pack = _Pack(self._upload_pack)  # its small files
+        dpack = _Pack(self._upload_pack)  # its subdirectories' objects
         with os.scandir(path) as it:
             names = sorted(it, key=lambda d: d.name)
         for d in names:
@@ -102,19 +104,23 @@ class Publisher:
                 entries.append(Entry(name, KIND_LINK, mode, len(os.fsencode(target)), mtime, target=target))
                 self.result.symlinks += 1
             elif stat.S_ISDIR(st.st_mode):
-                entries.append(Entry(name, KIND_DIR, mode, 0, mtime, hash=self._dir(d.path)))
+                h, obj = self._dir(d.path)
+                if len(obj) <= PACK_FILE_MAX:
+                    dpack.add(name, obj)
+                entries.append(Entry(name, KIND_DIR, mode, 0, mtime, hash=h))
             elif stat.S_ISREG(st.st_mode):
                 entries.append(self._file(d.path, st, name, pack))
             else:
                 self.result.skipped_special.append(d.path)
         pack.flush()
-        entries = [pack.place(e) for e in entries]
+        dpack.flush()
+        entries = [dpack.place(pack.place(e)) for e in entries]
         self.result.dirs += 1
         self.progress(path)
         data = encode_dir(entries)
         h = hashlib.sha256(data).hexdigest()
         self._upload(h, data)
-        return h
+        return h, data
 
     def _upload_pack(self, h: str, data: bytes) -> None:
         self.result.packs += 1
@@ -123,7 +129,7 @@ class Publisher:
     def publish(self, src: str, ays_id: str, sign_key: Ed25519PrivateKey | None = None) -> PublishResult:
         if not os.path.isdir(src):
             raise NotADirectoryError(f"{src}: not a directory")
-        root = self._dir(src)
+        root, _ = self._dir(src)
         self.result.root = root
         rel = ref_path(ays_id)
         raw = self.store.read(rel)
@@ -142,8 +148,9 @@ class Publisher:
 
 
 class _Pack:
-    """Packs a directory's small files, in name order, into blobs of at most PACK_SIZE bytes
-    (see aysfsd.tree); a pack of a single file is not worth a request and is not made."""
+    """Packs a directory's small files (or its subdirectories' objects), in name order, into
+    blobs of at most PACK_SIZE bytes (see aysfsd.tree); a pack of one member is not worth a
+    request and is not made."""
 
     def __init__(self, upload: Callable[[str, bytes], None]) -> None:
         self.upload = upload

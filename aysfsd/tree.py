@@ -12,10 +12,14 @@ symlink's target, kept as published (the kernel resolves it, the daemon never do
 
 Packs: the small files of a directory are also published concatenated, in name order,
 into pack blobs of at most PACK_SIZE bytes (`packs`, present only when a directory
-has any); a packed file's `p` gives the index of its pack and its offset there. A
-cold reader fetches one pack instead of one blob per file (one request per directory
-rather than per file), and still checks every member against its own `h`; each file
-stays a blob of its own too, so a missing or corrupt pack costs speed, not data.
+has any); a packed file's `p` gives the index of its pack and its offset there. The
+objects of a directory's subdirectories are packed the same way (in packs of their
+own), so loading a directory brings its subdirectories' objects in one request. A
+member runs from its offset to the next member's (the pack's end for the last): packs
+hold their members back to back. A cold reader fetches one pack instead of one blob
+per file (one request per directory rather than per file), and still checks every
+member against its own `h`; each file and directory object stays a blob of its own
+too, so a missing or corrupt pack costs speed, not data.
 Decoding validates everything: names that could escape a directory, sizes that do
 not add up and malformed hashes are refused with the object's hash in the error.
 """
@@ -160,7 +164,8 @@ def _packs(raw: object) -> list[tuple[str, int]]:
 
 
 def _packed(name: str, d: dict[str, object], size: int, packs: list[tuple[str, int]]) -> tuple[str, int, int]:
-    """A small file's place in a pack: (pack hash, offset, pack size)."""
+    """A small file's or directory object's place in a pack: (pack hash, offset, pack size);
+    `size` 1 for a directory (its object's size is known from the next member's offset)."""
     p = d["p"]
     if (not isinstance(p, list) or len(p) != 2 or type(p[0]) is not int or type(p[1]) is not int
             or not 0 <= p[0] < len(packs) or "h" not in d or not 0 < size <= PACK_FILE_MAX):
@@ -169,6 +174,21 @@ def _packed(name: str, d: dict[str, object], size: int, packs: list[tuple[str, i
     if not 0 <= p[1] <= psize - size:
         raise TreeError(f"{name!r}: {size} bytes at offset {p[1]!r} do not fit its pack of {psize}")
     return ph, p[1], psize
+
+
+def pack_members(entries: list[Entry], kind: str) -> dict[str, list[tuple[str, int, int]]]:
+    """The packs that entries of `kind` are in, each with its members (hash, offset, size) in
+    pack order; a member ends where the next begins (see the module docstring)."""
+    by_pack: dict[str, list[Entry]] = {}
+    for e in entries:
+        if e.pack and e.kind == kind:
+            by_pack.setdefault(e.pack, []).append(e)
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for pack, es in by_pack.items():
+        es.sort(key=lambda e: e.pack_off)
+        ends = [e.pack_off for e in es[1:]] + [es[0].pack_size]
+        out[pack] = [(e.hash, e.pack_off, end - e.pack_off) for e, end in zip(es, ends, strict=True)]
+    return out
 
 
 def _entry(d: object, packs: list[tuple[str, int]]) -> Entry:
@@ -205,10 +225,14 @@ def _entry(d: object, packs: list[tuple[str, int]]) -> Entry:
             return Entry(name, kind, mode, size, mtime, hash=_hash(d.get("h")), pack=ph, pack_off=poff,
                          pack_size=psize)
         return Entry(name, kind, mode, size, mtime, hash=_hash(d.get("h")))
-    if "p" in d:
-        raise TreeError(f"{name!r}: only a file can be in a pack")
     if kind == KIND_DIR:
+        if "p" in d:
+            ph, poff, psize = _packed(name, d, 1, packs)
+            return Entry(name, kind, mode, 0, mtime, hash=_hash(d.get("h")), pack=ph, pack_off=poff,
+                         pack_size=psize)
         return Entry(name, kind, mode, 0, mtime, hash=_hash(d.get("h")))
+    if "p" in d:
+        raise TreeError(f"{name!r}: only a file or a directory can be in a pack")
     if kind == KIND_LINK:
         target = d.get("l")
         if not isinstance(target, str) or not target or "\x00" in target or len(target) > MAX_TARGET:

@@ -225,17 +225,21 @@ class NotifySocket:
 
 
 def stor_dir_objects(stor: Path) -> list[dict]:
-    """Every directory object among the blobs of a directory stor (or grid cache)."""
+    """Every directory object among the blobs of a directory stor (or grid cache), those in
+    packs of directory objects included."""
     import json
 
     out = []
+    dec = json.JSONDecoder()
     for p in (stor / "blobs").glob("*/*"):
         try:
-            obj = json.loads(p.read_bytes())
+            text, pos, objs = p.read_bytes().decode(), 0, []
+            while pos < len(text):  # a directory object, or a pack of them back to back
+                obj, pos = dec.raw_decode(text, pos)
+                objs.append(obj)
         except (ValueError, UnicodeDecodeError):
             continue
-        if isinstance(obj, dict) and obj.get("aysfs") == "dir":
-            out.append(obj)
+        out += [o for o in objs if isinstance(o, dict) and o.get("aysfs") == "dir"]
     return out
 
 

@@ -164,8 +164,8 @@ def test_control_socket_robustness_and_prefetch(work: Path, nginx_stor: Nginx, t
         assert r["ok"] is False and r["code"] == "unknown-ays"
         lines = ctl(sock, {"cmd": "prefetch", "ays": A, "local": True})
         final = lines[-1]
-        # blobs: directory objects, the big file's chunks, small files by the pack
-        assert final["ok"] and final["errors"] == 0 and final["blobs"] >= 15 and final["bytes"] > 5 << 20
+        # blobs: directory objects (alone or packed), the big file's chunks, small files by the pack
+        assert final["ok"] and final["errors"] == 0 and final["blobs"] >= 10 and final["bytes"] > 5 << 20
         assert any(x.get("event") == "progress" for x in lines[:-1])
         nginx_stor.stop()
         assert tree_listing(a) == tree_listing(trees[A])  # every byte is local now
