@@ -103,7 +103,7 @@ class Counters:
     writeback_errors: int = 0
     writebacks_skipped: int = 0
     packs: int = 0  # packs downloaded
-    pack_members: int = 0  # blobs had from them
+    pack_members: int = 0  # blobs (files, directory objects) had from them
 
 
 class MemoryLRU:
