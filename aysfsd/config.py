@@ -475,7 +475,12 @@ def _trusted_keys(t: _Table) -> tuple[str, ...] | None:
     keys = []
     for k in raw:
         text = k
-        if k.startswith("/"):
+        try:
+            check_public(k)
+            is_key = True  # base64 may begin with '/': a key, not a path
+        except ValueError:
+            is_key = False
+        if k.startswith("/") and not is_key:
             try:
                 with open(k) as f:
                     text = f.read()

@@ -365,3 +365,23 @@ def test_parse_structured_garbage(lines: list[str]) -> None:
         parse("\n".join(lines))
     except ConfigError as e:
         assert all(p.startswith("<string>:") for p in e.problems)
+
+
+def test_trusted_keys_base64_beginning_with_a_slash_is_a_key_not_a_path(tmp_path: Path) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    def pub() -> str:
+        raw = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return base64.b64encode(raw).decode()
+
+    slash = next(k for k in (pub() for _ in range(5000)) if k.startswith("/"))  # 1 in 64
+    other = pub()
+    (tmp_path / "release.pub").write_text(other + "\n")
+    f = tmp_path / "aysfs.toml"
+    f.write_text(f'[main]\ntrusted_keys = ["{slash}", "{tmp_path}/release.pub"]\n')
+    assert load(f).main.trusted_keys == (slash, other)
+    assert "cannot read /nope.pub: No such file or directory" in errors('[main]\ntrusted_keys = ["/nope.pub"]\n',
+                                                                      tmp_path)
