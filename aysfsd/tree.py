@@ -150,17 +150,19 @@ def _hash(v: object) -> str:
     return v
 
 
+def _pair(p: object, limit: int, what: str) -> tuple[str, int]:
+    """A [hash, size] pair (a chunk or a pack) with 0 < size <= limit."""
+    if not isinstance(p, list) or len(p) != 2 or type(p[1]) is not int or not 0 < p[1] <= limit:
+        raise TreeError(f"bad {what} {p!r:.80}")
+    return _hash(p[0]), p[1]
+
+
 def _packs(raw: object) -> list[tuple[str, int]]:
     if raw is None:
         return []
     if not isinstance(raw, list) or not raw or len(raw) > MAX_PACKS:
         raise TreeError(f"packs must be a non-empty list of at most {MAX_PACKS}")
-    out = []
-    for p in raw:
-        if not isinstance(p, list) or len(p) != 2 or type(p[1]) is not int or not 0 < p[1] <= PACK_SIZE:
-            raise TreeError(f"bad pack {p!r:.80}")
-        out.append((_hash(p[0]), p[1]))
-    return out
+    return [_pair(p, PACK_SIZE, "pack") for p in raw]
 
 
 def _packed(name: str, d: dict[str, object], size: int, packs: list[tuple[str, int]]) -> tuple[str, int, int]:
@@ -208,11 +210,10 @@ def _entry(d: object, packs: list[tuple[str, int]]) -> Entry:
             raw = d["c"]
             if not isinstance(raw, list) or not raw or "h" in d or "p" in d:
                 raise TreeError(f"{name!r}: chunk list must be a non-empty list, without 'h' or 'p'")
-            chunks = []
-            for c in raw:
-                if not isinstance(c, list) or len(c) != 2 or type(c[1]) is not int or not 0 < c[1] <= CHUNK_SIZE:
-                    raise TreeError(f"{name!r}: bad chunk {c!r:.80}")
-                chunks.append((_hash(c[0]), c[1]))
+            try:
+                chunks = [_pair(c, CHUNK_SIZE, "chunk") for c in raw]
+            except TreeError as e:
+                raise TreeError(f"{name!r}: {e}") from None
             if any(s != CHUNK_SIZE for _, s in chunks[:-1]):
                 raise TreeError(f"{name!r}: every chunk but the last must be {CHUNK_SIZE} bytes")
             if sum(s for _, s in chunks) != size:
