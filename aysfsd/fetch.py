@@ -330,6 +330,27 @@ class Fetcher:
             await self._fetch_pack(pack, flights, local, grid, None, False, data)
         return [h for h, (f, _, _) in flights.items() if f.result is None]
 
+    async def assembled(self, pack: str, members: list[tuple[str, int, int]]) -> bytes | None:
+        """Pack `pack` rebuilt from its members (hash, offset, size) when all of them are here
+        (local cache or memory) and the result matches the pack's hash; else None. Spares a
+        download when a grid cache needs a pack whose members were fetched already."""
+        for h, _, _ in members:  # e.g. the pack itself still coming for a reader
+            f = self._inflight.get(h)
+            if f is not None:
+                await f.done.wait()
+        parts: list[bytes] = []
+        pos = 0
+        for h, off, size in members:
+            b = self.cache.get(h) if off == pos else None
+            if b is None:
+                b = self.memory.get(h) if off == pos else None
+            if b is None or len(b) != size:
+                return None
+            parts.append(b)
+            pos += size
+        data = b"".join(parts)
+        return data if await sha256_of(data) == pack else None
+
     def _pack_flights(self, pack: str, members: list[tuple[str, int, int]],
                       local: bool) -> dict[str, tuple[_Flight, int, int]]:
         """In-flight records for the missing members of a pack not already coming or failed."""

@@ -109,6 +109,9 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
             try:
                 if await g.store.contains(rel):
                     continue
+                if data is None and members:
+                    # e.g. a pack of directory objects: the walk has its members already
+                    data = await fetcher.assembled(h, members)
                 if data is None:
                     # grid=False: written right here, not also by the fetcher's write-back; a pack
                     # is kept in no cache (its members are, below)

@@ -350,6 +350,27 @@ def test_pack_delivers_its_members_with_one_request(tmp_path: Path, cache: Local
     assert not cache.has(pack) and f.memory.get(pack) is None  # the pack itself is kept nowhere
 
 
+def test_pack_assembled_from_its_members_only_when_all_are_here_and_it_matches(tmp_path: Path,
+                                                                              cache: LocalCache) -> None:
+    stor = CountingStore(tmp_path / "stor")
+    files = [payload(400 + i, 700 + i) for i in range(6)]
+    pack, members = make_pack(stor, files)
+    f = make(cache, [], [stor])
+    cache.put_many([(h, d) for (h, _, _), d in zip(members[:-1], files[:-1], strict=True)])
+
+    async def main() -> None:
+        assert await f.assembled(pack, members) is None  # the last member is missing
+        f.memory.put(members[-1][0], files[-1])  # in memory counts (a mount without local cache)
+        assert await f.assembled(pack, members) == b"".join(files)
+        lying = members[:2] + [(members[3][0], members[2][1], members[3][2])] + members[3:]
+        assert await f.assembled(pack, lying) is None  # not the pack's bytes: its hash says so
+        gap = [(h, off + 1, size) for h, off, size in members]
+        assert await f.assembled(pack, gap) is None  # members must lie back to back from 0
+
+    trio.run(main)
+    assert stor.fetches == 0
+
+
 @pytest.mark.parametrize("damage", ["pack-corrupt", "member-mismatch", "pack-unreachable"])
 def test_pack_that_does_not_deliver_costs_requests_not_data(tmp_path: Path, cache: LocalCache, damage: str) -> None:
     stor = CountingStore(tmp_path / "stor")
