@@ -341,9 +341,11 @@ class Fetcher:
         parts: list[bytes] = []
         pos = 0
         for h, off, size in members:
-            b = self.cache.get(h) if off == pos else None
+            if off != pos:
+                return None
+            b = self.cache.get(h)
             if b is None:
-                b = self.memory.get(h) if off == pos else None
+                b = self.memory.get(h)
             if b is None or len(b) != size:
                 return None
             parts.append(b)
