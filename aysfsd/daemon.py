@@ -31,11 +31,11 @@ from .config import AysConfig, Config, ConfigError, load
 from .control import ControlServer
 from .debug import DebugOverlay
 from .debugstore import DebugStoreError
-from .fetch import Fetcher, Source
 from .fs import MountPoint, Operations
 from .layout import ref_path
 from .ref import Ref, RefError, decode_ref, verify
 from .stores import StoreError, open_store
+from .tiers import Fetcher, Source
 from .watch import watch_config
 
 log = logging.getLogger("aysfsd")

@@ -23,11 +23,11 @@ import pyfuse3
 from .cache import LocalCache
 from .config import AysConfig
 from .debugstore import PathState
-from .fetch import Fetcher, FetchError
 from .fs_debug import DebugWrites
 from .fuseguard import erofs, guarded
 from .nodes import MountPoint, Node, OpenFile
 from .ref import Ref
+from .tiers import Fetcher, FetchError
 from .tree import (
     CHUNK_SIZE,
     KIND_DIR,

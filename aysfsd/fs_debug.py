@@ -19,9 +19,9 @@ import pyfuse3
 
 from .debug import DebugOverlay
 from .debugstore import DebugStoreError, PathState
-from .fetch import FetchError
 from .fuseguard import guarded
 from .nodes import MountPoint, Node, OpenFile
+from .tiers import FetchError
 from .tree import KIND_DIR, KIND_FILE, Entry
 
 log = logging.getLogger("aysfsd.debug")

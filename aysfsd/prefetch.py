@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 import trio
 
-from .fetch import FetchError
 from .fs import MountPoint, Operations
 from .layout import blob_path
 from .stores import StoreError
+from .tiers import FetchError
 from .tree import KIND_DIR, KIND_FILE, pack_members
 
 log = logging.getLogger("aysfsd.prefetch")

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from aysfsd import fetch
 from aysfsd.cache import LocalCache
-from aysfsd.fetch import Fetcher, FetchError, Source
 from aysfsd.layout import blob_path
 from aysfsd.stores import DirStore, StoreError, StoreTimeout
+from aysfsd.tiers import Fetcher, FetchError, Source, sources
 
 
 class CountingStore(DirStore):
@@ -198,7 +197,7 @@ def test_blob_too_big_for_the_local_cache_is_served_from_memory(tmp_path: Path) 
 
 def test_failover_down_marking_and_recovery(tmp_path: Path, cache: LocalCache,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch, "DOWN_SECONDS", 60.0)
+    monkeypatch.setattr(sources, "DOWN_SECONDS", 60.0)
     a, b = CountingStore(tmp_path / "a"), CountingStore(tmp_path / "b")
     blobs = [payload(40 + i) for i in range(4)]
     hs = [a.put(d) for d in blobs]
@@ -211,11 +210,11 @@ def test_failover_down_marking_and_recovery(tmp_path: Path, cache: LocalCache,
         t = trio.current_time()
         assert await f.get(hs[0]) == blobs[0]
         took = trio.current_time() - t
-        assert a.fetches == 1 + fetch.RETRIES  # retried with backoff, then marked down
+        assert a.fetches == 1 + sources.RETRIES  # retried with backoff, then marked down
         assert 0.1 <= took < 1.5
         assert f.stors[0].is_down() and f.stors[0].failures == 1
         assert await f.get(hs[1]) == blobs[1]
-        assert a.fetches == 1 + fetch.RETRIES  # skipped while down
+        assert a.fetches == 1 + sources.RETRIES  # skipped while down
         # everything down: the down sources get one probe each, then EIO quickly
         b.fail = "error"
         t = trio.current_time()
@@ -314,7 +313,7 @@ def test_background_write_back_in_a_nursery(tmp_path: Path, cache: LocalCache) -
 
     trio.run(main)
     assert all(g.path(h).read_bytes() == d for h, d in zip(hs, blobs, strict=True))
-    assert f.counters.writebacks == 8 and f._writeback_pending == 0
+    assert f.counters.writebacks == 8 and f.keeper.writeback_pending == 0
 
 
 # -- packs ------------------------------------------------------------------------------------------
@@ -400,6 +399,6 @@ def test_pack_that_does_not_deliver_costs_requests_not_data(tmp_path: Path, cach
     trio.run(main)
     alone = {"pack-corrupt": 5, "member-mismatch": 1, "pack-unreachable": 5}[damage]
     assert f.counters.pack_members == 5 - alone
-    assert f._pack_bad(pack)  # not tried again at once...
-    forever = f._bad_packs[pack] == float("inf")
+    assert f.packs.is_bad(pack)  # not tried again at once...
+    forever = f.packs.bad[pack] == float("inf")
     assert forever == (damage != "pack-unreachable")  # ...for good when corrupt, for a while when unreachable

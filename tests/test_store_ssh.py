@@ -19,10 +19,10 @@ import paramiko
 import pytest
 import trio
 
-from aysfsd import store_ssh
 from aysfsd.layout import blob_path, ref_path, sha256_hex
-from aysfsd.store_ssh import SshStore
 from aysfsd.stores import StoreError, open_store
+from aysfsd.stores import ssh as store_ssh
+from aysfsd.stores.ssh import SshStore
 from tests.servers import Sshd, _descendants
 
 TIMEOUT = 3.0

@@ -26,8 +26,8 @@ from urllib.parse import unquote, urlsplit
 import paramiko
 import trio
 
-from .compat import run_abandonable
-from .stores import StoreError, StoreTimeout, _check_rel
+from ..compat import run_abandonable
+from .base import StoreError, StoreTimeout, check_rel
 
 log = logging.getLogger("aysfsd.ssh")
 
@@ -156,7 +156,7 @@ class SshStore:
         return f"<SshStore {self.url}>"
 
     def _abs(self, rel: str) -> str:
-        return f"{self.root}/{_check_rel(rel)}"
+        return f"{self.root}/{check_rel(rel)}"
 
     # -- connections ---------------------------------------------------------------
 

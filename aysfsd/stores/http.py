@@ -1,127 +1,12 @@
-"""Stors and grid caches: one small interface over a directory, HTTP(S) and SSH.
-
-Every store speaks relative paths from `aysfsd.layout`. Sync methods serve `aysctl`
-(publish, tools); async methods serve the daemon on trio. `None` means "not there"
-(404, ENOENT); a transport failure raises StoreError so the caller can try the next tier.
-"""
+"""A stor or grid cache on an HTTP(S) server (GET to read, WebDAV PUT to write)."""
 
 from __future__ import annotations
 
-import errno
-import os
-import secrets
-from collections.abc import Callable
-from pathlib import Path
-from typing import Protocol, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
-import trio
 
-from .compat import run_abandonable
-
-T = TypeVar("T")
-
-
-class StoreError(Exception):
-    """A store could not be reached or answered with an error (not "not found")."""
-
-
-class StoreTimeout(StoreError):
-    """A store did not answer within its per-request timeout (not worth retrying at once)."""
-
-
-class Store(Protocol):
-    url: str
-    timeout: float  # seconds one request may take (the fetcher bounds each request by it)
-
-    def read(self, rel: str) -> bytes | None: ...
-    def write(self, rel: str, data: bytes) -> None: ...
-    def exists(self, rel: str) -> bool: ...
-    def close(self) -> None: ...
-    async def fetch(self, rel: str) -> bytes | None: ...
-    async def store(self, rel: str, data: bytes) -> None: ...
-    async def contains(self, rel: str) -> bool: ...
-    async def aclose(self) -> None: ...
-
-
-def _check_rel(rel: str) -> str:
-    parts = rel.split("/")
-    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in rel:
-        raise ValueError(f"unsafe store path {rel!r}")
-    return rel
-
-
-class DirStore:
-    """A stor or grid cache in a local (or NFS) directory; writes are temp file + rename."""
-
-    def __init__(self, root: str, url: str | None = None, timeout: float = 10.0) -> None:
-        self.root = Path(root)
-        self.url = url or root
-        self.timeout = timeout  # a hung NFS server: the worker thread is abandoned after this
-        self._limiter: trio.CapacityLimiter | None = None
-
-    def _abs(self, rel: str) -> Path:
-        return self.root / _check_rel(rel)
-
-    def read(self, rel: str) -> bytes | None:
-        try:
-            with open(self._abs(rel), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            if e.errno in (errno.ENOTDIR, errno.EISDIR):
-                return None
-            raise StoreError(f"{self.url}: reading {rel}: {e.strerror}") from e
-
-    def write(self, rel: str, data: bytes) -> None:
-        path = self._abs(rel)
-        tmp = path.with_name(f".{path.name}.tmp.{secrets.token_hex(6)}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise StoreError(f"{self.url}: writing {rel}: {e.strerror}") from e
-
-    def exists(self, rel: str) -> bool:
-        return self._abs(rel).is_file()
-
-    def close(self) -> None:
-        pass
-
-    def _threads(self) -> trio.CapacityLimiter:
-        if self._limiter is None:
-            self._limiter = trio.CapacityLimiter(16)
-        return self._limiter
-
-    async def _in_thread(self, op: str, rel: str, fn: Callable[[], T]) -> T:
-        """Run a blocking file operation in a worker thread, bounded by `timeout` (a hung NFS
-        server): the thread is abandoned and StoreTimeout raised."""
-        try:
-            with trio.fail_after(self.timeout):
-                return await run_abandonable(fn, limiter=self._threads())
-        except trio.TooSlowError:
-            raise StoreTimeout(f"{self.url}: {op} {rel}: no answer within {self.timeout:g}s") from None
-
-    async def fetch(self, rel: str) -> bytes | None:
-        return await self._in_thread("reading", rel, lambda: self.read(rel))
-
-    async def store(self, rel: str, data: bytes) -> None:
-        await self._in_thread("writing", rel, lambda: self.write(rel, data))
-
-    async def contains(self, rel: str) -> bool:
-        return await self._in_thread("checking", rel, lambda: self.exists(rel))
-
-    async def aclose(self) -> None:
-        pass
+from .base import StoreError, StoreTimeout, check_rel
 
 
 def _client_kwargs(timeout: float, proxy: str | None) -> dict[str, object]:
@@ -172,7 +57,7 @@ class HttpStore:
 
     def _u(self, rel: str) -> str:
         # file names hold '%' (escaped ays ids): encode it, so the server maps the URL to that name
-        return f"{self.url}/{quote(_check_rel(rel), safe='/')}"
+        return f"{self.url}/{quote(check_rel(rel), safe='/')}"
 
     def _no_client(self, e: ImportError) -> StoreError:
         # e.g. a socks5:// proxy without the optional socksio package
@@ -256,22 +141,3 @@ class HttpStore:
         if self._async is not None:
             await self._async.aclose()
             self._async = None
-
-
-def open_store(url: str, *, timeout: float = 10.0, proxy: str | None = None,
-               ssh_key: str | None = None, ssh_known_hosts: str | None = None,
-               ssh_accept_unknown_host: bool = False) -> Store:
-    """A store for a URL: http(s)://, ssh://, file:// or a plain directory path."""
-    parts = urlsplit(url)
-    if parts.scheme in ("http", "https"):
-        return HttpStore(url, timeout=timeout, proxy=proxy)
-    if parts.scheme == "file":
-        return DirStore(parts.path, url, timeout=timeout)
-    if parts.scheme == "ssh":
-        from .store_ssh import SshStore
-
-        return SshStore(url, timeout=timeout, key=ssh_key, known_hosts=ssh_known_hosts,
-                        accept_unknown_host=ssh_accept_unknown_host)
-    if parts.scheme == "":
-        return DirStore(url, timeout=timeout)
-    raise ValueError(f"unsupported store URL {url!r}: use http(s)://, ssh://, file:// or a directory path")

@@ -1,0 +1,50 @@
+"""A download in progress (single-flight), the error a failed fetch raises, and the count of
+foreground fetches that background ones wait for."""
+
+from __future__ import annotations
+
+import trio
+
+
+class FetchError(Exception):
+    """A blob could not be had from any tier (missing, corrupt or unreachable everywhere)."""
+
+    def __init__(self, message: str, corrupt_only: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt_only = corrupt_only  # every source that answered had a corrupt copy
+
+
+class Flight:
+    """One download in progress; concurrent readers of the same blob wait on it."""
+
+    def __init__(self, local: bool) -> None:
+        self.done = trio.Event()
+        self.local = local  # whether the owner stores the result in the local cache
+        self.result: bytes | None = None
+        self.tier = ""
+        self.error = ""
+        self.retry = False  # a pack's member the pack did not deliver: fetch it alone
+
+
+class Foreground:
+    """Counts foreground (reader) fetches going to the network; prefetch waits for none."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.count == 0:
+            self._idle = trio.Event()
+        self.count += 1
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no foreground fetch is going to the network."""
+        while self.count:
+            await self._idle.wait()
