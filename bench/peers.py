@@ -148,7 +148,36 @@ def wait_mounted(path: Path, proc: Proc | None, timeout: float = MOUNT_TIMEOUT) 
         time.sleep(0.002)
 
 
-class AutoindexNginx(Nginx):
+class LoggedNginx(Nginx):
+    """nginx with an access log: `requests()` counts the requests it answered so far."""
+
+    def __init__(self, root: Path, workdir: Path, put: bool = True) -> None:
+        super().__init__(root, workdir, put=put)
+        self.access_log = self.workdir / "access.log"
+        self._counted = (0, 0)  # (bytes of the log read, lines in them)
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        conf = self.conf_path.read_text()
+        conf = conf.replace("access_log off;", "log_format bench '$request_method $status $bytes_sent';\n"
+                            f"    access_log \"{self.access_log}\" bench;")
+        self.conf_path.write_text(conf)
+
+    def requests(self) -> int:
+        """Requests logged so far (nginx writes each line when the request ends)."""
+        offset, lines = self._counted
+        try:
+            with open(self.access_log, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return lines
+        end = data.rfind(b"\n") + 1  # whole lines only
+        self._counted = (offset + end, lines + data.count(b"\n", 0, end))
+        return self._counted[1]
+
+
+class AutoindexNginx(LoggedNginx):
     """nginx serving a plain tree read-only with directory listings (for httpdirfs and rclone)."""
 
     def __init__(self, root: Path, workdir: Path) -> None:
@@ -268,28 +297,41 @@ class Native(Peer):
 
 
 class Aysfs(Peer):
-    """aysfsd with one stor (nginx with PUT on loopback, or a directory), a fresh LMDB cache per cold mount."""
+    """aysfsd with one stor (nginx with PUT on loopback, or a directory), a fresh LMDB cache per cold mount.
+
+    `stor_url` is what the daemon reads from; `publish_url` (default the same) is where `prepare()`
+    publishes the tree, unless `publish` is False (another peer published it already)."""
 
     name = "aysfs"
 
     def __init__(self, work: Path, cleanup: Cleanup, src: Path, stor_url: str, name: str = "aysfs",
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", publish_url: str | None = None, publish: bool = True,
+                 ays_id: str = AYS_ID) -> None:
         self.name = name
         super().__init__(work, cleanup)
         self.src = src
         self.stor_url = stor_url
+        self.publish_url = publish_url or stor_url
+        self.publish = publish
+        self.ays_id = ays_id
         self.log_level = log_level
         self.config = self.work / "aysfs.toml"
         self.publish_seconds = 0.0
 
-    def prepare(self) -> None:
-        super().prepare()
+    def aysctl(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "aysctl"), *args], capture_output=True, text=True, timeout=timeout)
+
+    def publish_tree(self, *extra: str, ays_id: str | None = None) -> None:
         t0 = time.perf_counter()
-        r = subprocess.run([str(BIN / "aysctl"), "publish", str(self.src), "--ays", AYS_ID, "--stor", self.stor_url],
-                           capture_output=True, text=True)
+        r = self.aysctl("publish", str(self.src), "--ays", ays_id or self.ays_id, "--stor", self.publish_url, *extra)
         self.publish_seconds = time.perf_counter() - t0
         if r.returncode != 0:
             raise NotAvailable(f"aysctl publish failed: {r.stderr.strip()[-300:]}")
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.publish:
+            self.publish_tree()
         self.config.write_text(f"""[main]
 cache_dir = "{self.work}/cache"
 cache_size = "4GiB"
@@ -302,7 +344,7 @@ log_level = "{self.log_level}"
 url = "{self.stor_url}"
 
 [[ays]]
-id = '{AYS_ID}'
+id = '{self.ays_id}'
 mnt = "{self.root}"
 """)
 
@@ -363,9 +405,11 @@ class Rclone(Peer):
 
     name = "rclone"
 
-    def __init__(self, work: Path, cleanup: Cleanup, web: Nginx) -> None:
+    def __init__(self, work: Path, cleanup: Cleanup, web: Nginx, url: str | None = None,
+                 name: str | None = None) -> None:
+        self.name = name or self.name
         super().__init__(work, cleanup)
-        self.web = web
+        self.url = url or web.url  # url: the same server behind a simulated link
 
     def prepare(self) -> None:
         super().prepare()
@@ -377,7 +421,7 @@ class Rclone(Peer):
         shutil.rmtree(self.work / "cache", ignore_errors=True)
 
     def _start(self) -> Proc:
-        return Proc(["rclone", "mount", ":http:", str(self.root), "--http-url", self.web.url + "/",
+        return Proc(["rclone", "mount", ":http:", str(self.root), "--http-url", self.url + "/",
                      "--read-only", "--vfs-cache-mode", "full", "--cache-dir", str(self.work / "cache"),
                      "--config", str(self.work / "rclone.conf"), "--log-level", "NOTICE"], self.log)
 
@@ -390,9 +434,11 @@ class Httpdirfs(Peer):
 
     name = "httpdirfs"
 
-    def __init__(self, work: Path, cleanup: Cleanup, web: Nginx) -> None:
+    def __init__(self, work: Path, cleanup: Cleanup, web: Nginx, url: str | None = None,
+                 name: str | None = None) -> None:
+        self.name = name or self.name
         super().__init__(work, cleanup)
-        self.web = web
+        self.url = url or web.url  # url: the same server behind a simulated link
 
     def prepare(self) -> None:
         super().prepare()
@@ -406,7 +452,7 @@ class Httpdirfs(Peer):
         (self.work / "cache").mkdir(parents=True, exist_ok=True)
         # --no-range-check: 1.2.5's check rejects nginx, which does serve ranges (206 + Content-Range)
         return Proc(["httpdirfs", "-f", "--cache", "--no-range-check", "--cache-location", str(self.work / "cache"),
-                     self.web.url + "/", str(self.root)], self.log)
+                     self.url + "/", str(self.root)], self.log)
 
     def cache_bytes(self) -> int | None:
         return du_bytes(self.work / "cache")

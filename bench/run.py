@@ -10,13 +10,17 @@ squashfs image of the same tree. Every figure is measured in this run, on this d
     BENCH_COLD_RUNS=N   cold runs (each a fresh mount; median; default 3, quick 1); a peer whose
                         first cold run of a row took over 20 s is not repeated
     BENCH_DIR=DIR    work directory (default /tmp/aysbench; wiped at the start)
-    BENCH_PEERS=a,b  only these peers (native is always measured)
+    BENCH_PEERS=a,b  only these peers (native is always measured); a,b also selects their remote rows,
+                     a-remote only those (BENCH_PEERS=aysfs-remote: native and remote aysfs)
     BENCH_RESULTS=DIR       write results.md/.json/ratios.png (and profiles, traces) there
     BENCH_PROFILE=row,row   py-spy record aysfsd during these rows (bench/results/profile-ROW.txt)
     BENCH_SKIP_100K=1       skip the 100,000-file tree
     BENCH_AYSFSD="CMD"      run this instead of .venv/bin/aysfsd (A/B a patched daemon)
     BENCH_FUSE_TRACE=1      count the FUSE requests of every row of aysfs and squashfuse (kernel
                             tracepoints) into bench/results/fuse-requests.md
+    BENCH_REMOTE=0          skip the remote rows (the stors behind bench/slowlink.py, see bench/remote.py)
+    BENCH_RTT_MS=20 BENCH_RATE_MBIT=1000   the simulated link of the remote rows (0 Mbit: no cap)
+    BENCH_REMOTE_CAP=120    seconds: a remote run is stopped there (rclone and httpdirfs are slow)
 
 Progress goes to stderr; the table and the bars to stdout, bench/results/results.md and
 bench/results/ratios.png.
@@ -46,13 +50,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import fusetrace, report  # noqa: E402
+from bench import fusetrace, remote, report  # noqa: E402
 from bench.peers import (  # noqa: E402
     PYVER,
     AutoindexNginx,
     Aysfs,
     Cleanup,
     Httpdirfs,
+    LoggedNginx,
     Native,
     NotAvailable,
     Peer,
@@ -63,7 +68,6 @@ from bench.peers import (  # noqa: E402
     umount_lazy_under,
 )
 from bench.report import Cell, Results  # noqa: E402
-from tests.servers import Nginx  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS", HERE / "results"))
@@ -72,6 +76,7 @@ QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 RUNS = max(1, int(os.environ.get("BENCH_RUNS", "3" if QUICK else "5")))
 COLD_RUNS = max(1, int(os.environ.get("BENCH_COLD_RUNS", "1" if QUICK else "3")))
 SLOW_COLD = 20.0  # seconds: a cold row this slow is not repeated
+REMOTE_CAP = float(os.environ.get("BENCH_REMOTE_CAP", "120"))  # seconds: a remote run is stopped here
 BIG_SIZE = (64 if QUICK else 256) * MiB
 SMALL_MAX = 1 * MiB  # "small files": regular files up to this size
 RAND_OPS = 1000 if QUICK else 2000
@@ -188,10 +193,10 @@ def sha256_file(path: Path) -> str:
 Check = tuple[float, str | None]
 
 
-def do_find(data: Data, peer: Peer) -> Check:
+def do_find(data: Data, peer: Peer, timeout: float = 900) -> Check:
     root = str(peer.root)
     t0 = time.perf_counter()
-    r = subprocess.run(["find", root], capture_output=True, timeout=900)
+    r = subprocess.run(["find", root], capture_output=True, timeout=timeout)
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         return dt, f"find exited {r.returncode}: {short(r.stderr.decode(errors='replace'))}"
@@ -224,12 +229,12 @@ def do_stat(data: Data, peer: Peer) -> Check:
     return dt, None
 
 
-def do_tar(data: Data, peer: Peer) -> Check:
+def do_tar(data: Data, peer: Peer, timeout: float = 900) -> Check:
     assert data.tar_list is not None
     cmd = (f"set -o pipefail; tar -cf - -C {shlex.quote(str(peer.root))} --no-recursion --null "
            f"-T {shlex.quote(str(data.tar_list))} | wc -c")
     t0 = time.perf_counter()
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=900)
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=timeout)
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         return dt, f"tar exited {r.returncode}: {short(r.stderr)}"
@@ -241,7 +246,8 @@ def do_tar(data: Data, peer: Peer) -> Check:
     return dt, None
 
 
-def do_seq(data: Data, peer: Peer) -> Check:
+def do_seq(data: Data, peer: Peer, timeout: float | None = None) -> Check:
+    """MiB/s reading the big file; with `timeout` (seconds) a slow peer's rate is taken from what it read."""
     buf = bytearray(MiB)
     n = 0
     fd = os.open(peer.root / data.big, os.O_RDONLY)
@@ -249,6 +255,9 @@ def do_seq(data: Data, peer: Peer) -> Check:
         t0 = time.perf_counter()
         while k := os.readv(fd, [buf]):
             n += k
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                log(f"  {peer.name}: stopped reading after {timeout:.0f}s ({n // MiB} of {BIG_SIZE // MiB} MiB)")
+                return n / MiB / (time.perf_counter() - t0), None
         dt = time.perf_counter() - t0
     finally:
         os.close(fd)
@@ -285,13 +294,13 @@ print("\\n".join(sorted({{getattr(m, "__file__", None) or "" for m in list(sys.m
 """
 
 
-def do_app(data: Data, peer: Peer) -> Check:
+def do_app(data: Data, peer: Peer, timeout: float = 300) -> Check:
     env = {"PYTHONHOME": str(peer.home), "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
     # -S no site, -s no user site, -B no bytecode writes, -P no script dir on sys.path,
     # frozen_modules=off: even os, codecs, io... are read (and compiled) from the mount.
     cmd = [BASE_PYTHON, "-S", "-s", "-B", "-P", "-X", "frozen_modules=off", "-c", APP_CODE.format(mods=APP_MODULES)]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", timeout=timeout)
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         return dt, f"python exited {r.returncode}: {short(r.stderr)}"
@@ -588,7 +597,7 @@ def main() -> int:
         data = build_data(work)
         log(f"  {len(data.files)} files ({len(data.small)} small), {len(data.entries) - len(data.files)} dirs/links, "
             f"{data.total_bytes / MiB:.0f} MiB")
-        stor = Nginx(work / "stor", work / "nginx-stor", put=True)
+        stor = LoggedNginx(work / "stor", work / "nginx-stor", put=True)
         web = AutoindexNginx(data.root, work / "nginx-web")
         for s in (stor, web):
             cleanup.add(s.stop)
@@ -597,7 +606,22 @@ def main() -> int:
                              Squashfuse(work, cleanup, data.root), Rclone(work, cleanup, web),
                              Httpdirfs(work, cleanup, web)]
         peers = [p for p in peers if p.native or not only or p.name in only]
-        for p in peers:
+        rpeers: list[remote.RemotePeer] = []
+        if remote.ENABLED:
+            links = remote.start_links({"stor": stor, "web": web}, work)
+            for link in links.values():
+                cleanup.add(link.stop)
+                link.start()
+            stor_wire, web_wire = remote.Wire(links["stor"], stor), remote.Wire(links["web"], web)
+            published = any(p.name == "aysfs" for p in peers)  # the loopback peer publishes the tree
+            rpeers = [remote.RemotePeer("aysfs", Aysfs(work, cleanup, data.root, links["stor"].url, name="aysfs-remote",
+                                                       publish_url=stor.url, publish=not published), stor_wire),
+                      remote.RemotePeer("rclone", Rclone(work, cleanup, web, url=links["web"].url,
+                                                         name="rclone-remote"), web_wire),
+                      remote.RemotePeer("httpdirfs", Httpdirfs(work, cleanup, web, url=links["web"].url,
+                                                               name="httpdirfs-remote"), web_wire)]
+            rpeers = [rp for rp in rpeers if not only or rp.label in only or rp.peer.name in only]
+        for p in [*peers, *(rp.peer for rp in rpeers)]:
             t0 = time.perf_counter()
             try:
                 p.prepare()
@@ -611,11 +635,17 @@ def main() -> int:
         bench = Bench(data, peers)
         bench.run()
         results = bench.results
+        rres: remote.RResults | None = None
+        if rpeers:
+            rb = remote.Remote(data, results, rpeers, {"find": do_find, "tar": do_tar, "app": do_app, "seq": do_seq},
+                               content_check, COLD_RUNS, SLOW_COLD, REMOTE_CAP, log)
+            rb.run()
+            rres = rb.results
         if os.environ.get("BENCH_SKIP_100K", "") in ("", "0"):
             tree_100k(work / "t100k", cleanup, results)
         else:
             del results["m100k"], results["rss100k"]
-        write_report(results, data)
+        write_report(results, data, rres)
         if bench.traces:
             write_traces(bench.traces)
         return 0
@@ -639,11 +669,11 @@ def write_traces(traces: dict[tuple[str, str], tuple[fusetrace.Trace, int]]) -> 
 
 
 def code_state() -> str:
-    """git HEAD plus a digest of the daemon's sources (the editable install runs them as they are)."""
+    """git HEAD plus a digest of the daemon's sources, subpackages too (the editable install runs them as they are)."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for p in sorted((root / "aysfsd").glob("*.py")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    for p in sorted((root / "aysfsd").rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
     r = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return f"{r.stdout.strip() or '?'}+aysfsd:{h.hexdigest()[:10]}"
 
@@ -651,8 +681,9 @@ def code_state() -> str:
 CODE0 = code_state()
 
 
-def write_report(results: Results, data: Data) -> None:
+def write_report(results: Results, data: Data, rres: remote.RResults | None = None) -> None:
     bars = report.bars(results)
+    rbars = remote.bars(rres) if rres is not None else []
     head = (f"aysfs benchmark ({'BENCH_QUICK: ' if QUICK else ''}{len(data.files)} files, "
             f"{data.total_bytes / MiB:.0f} MiB incl. a {BIG_SIZE // MiB} MiB random file; "
             f"cold rows: median of {COLD_RUNS} fresh mounts, other rows: median of {RUNS} runs; "
@@ -668,20 +699,33 @@ def write_report(results: Results, data: Data) -> None:
                 if c.value is not None and 0 < len(c.runs) < COLD_RUNS:
                     notes.append(f"runs {peer:10} {row.label}: {len(c.runs)} of {COLD_RUNS} cold runs "
                                  f"(the first took over {SLOW_COLD:.0f} s, or a later one failed)")
+    if rres is not None:
+        notes += remote.notes(rres)
     text = [head, "", report.plain_table(results), ""]
+    if rres is not None:
+        text += [remote.plain(rres, COLD_RUNS), ""]
     if notes:
         text += ["notes:", *notes, ""]
     text += ["bars (issue 7):", *(b.line() for b in bars)]
+    if rbars:
+        text += ["", "bars (issue 13, remote link):", *(b.line() for b in rbars)]
     print("\n".join(text), flush=True)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     md = [f"# {head}", "", report.markdown_table(results), ""]
+    if rres is not None:
+        md += ["## Remote link", "", remote.markdown(rres, COLD_RUNS), ""]
     if notes:
         md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
-    md += ["## Bars (issue 7)", "", *(f"- {b.line()}" for b in bars), "", "![ratios](ratios.png)", ""]
+    md += ["## Bars (issue 7)", "", *(f"- {b.line()}" for b in bars), ""]
+    if rbars:
+        md += ["## Bars (issue 13, remote link)", "", *(f"- {b.line()}" for b in rbars), ""]
+    md += ["![ratios](ratios.png)", ""]
     (RESULTS_DIR / "results.md").write_text("\n".join(md))
     (RESULTS_DIR / "results.json").write_text(json.dumps(
         {"header": head, "rows": {k: {p: dataclasses.asdict(c) for p, c in v.items()} for k, v in results.items()},
-         "bars": [dataclasses.asdict(b) for b in bars]}, indent=1))
+         "bars": [dataclasses.asdict(b) for b in bars],
+         "remote": remote.as_json(rres) if rres is not None else None,
+         "remote_bars": [dataclasses.asdict(b) for b in rbars]}, indent=1))
     err = report.chart(results, RESULTS_DIR / "ratios.png")
     print(f"\nwrote {RESULTS_DIR / 'results.md'}" + (f"; {err}" if err else f" and {RESULTS_DIR / 'ratios.png'}"))
     log("done")
