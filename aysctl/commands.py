@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -101,6 +102,29 @@ def cmd_reload(args: argparse.Namespace) -> int:
         _print_json(final)
     else:
         print("reloaded")
+    return 0
+
+
+@control
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Restart the daemon in place: it re-executes itself and resumes its FUSE session, so
+    mounts, open files and inode numbers stay (readers see a pause, not an error)."""
+    reply = call(_socket(args), {"cmd": "restart"}, READ_TIMEOUT)
+    deadline = time.monotonic() + READ_TIMEOUT
+    while True:  # the same pid serves again once the new program answers
+        try:
+            st = call(_socket(args), {"cmd": "status"}, READ_TIMEOUT)
+            break
+        except ControlError:
+            if time.monotonic() > deadline:
+                raise ControlError(f"aysfsd did not answer within {READ_TIMEOUT:g}s of restarting "
+                                   "(see: journalctl -u aysfsd)", 1) from None
+            time.sleep(0.1)
+    if args.json:
+        _print_json({"ok": True, "pid": reply.get("pid"), "status": st})
+    else:
+        print(f"restarted (pid {reply.get('pid')}); mounts kept: "
+              + (", ".join(sorted(m.get("name", "?") for m in st.get("mounts", []))) or "none"))
     return 0
 
 

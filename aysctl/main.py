@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("reload", parents=[common], help="make aysfsd re-read its config file")
     rl.set_defaults(func=commands.cmd_reload)
 
+    rs = sub.add_parser("restart", parents=[common],
+                        help="restart aysfsd in place, keeping its mounts and open files (new code after an upgrade)")
+    rs.set_defaults(func=commands.cmd_restart)
+
     cache = sub.add_parser("cache", help="local cache tools")
     cache_sub = cache.add_subparsers(dest="cache_cmd", required=True)
     purge = cache_sub.add_parser("purge", parents=[common], help="drop cached blobs (all, or of one ays)")

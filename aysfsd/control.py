@@ -104,6 +104,7 @@ class ControlServer:
                                           Awaitable[dict[str, Any]]]] = {
             "status": self.status,
             "reload": self.reload,
+            "restart": self.restart,
             "cache.purge": self.purge,
             "cache.verify": self.verify,
             "prefetch": self.prefetch,
@@ -208,6 +209,9 @@ class ControlServer:
         if not ok:
             raise Refused("failed", err)
         return {}
+
+    async def restart(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
+        return {"message": self.daemon.request_handover(), "pid": os.getpid()}
 
     async def purge(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
         if req.get("ays"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import __version__, notify, sysmount
+from . import __version__, handover, notify, sysmount
 from .cache import LocalCache
 from .config import AysConfig, Config, ConfigError, load
 from .control import ControlServer
@@ -34,6 +34,7 @@ from .debugstore import DebugStoreError
 from .fs import MountPoint, Operations
 from .layout import ref_path
 from .ref import Ref, RefError, decode_ref, verify
+from .statejournal import Restored, StateJournal, restore
 from .stores import StoreError, open_store
 from .tiers import Fetcher, Source
 from .watch import watch_config
@@ -84,6 +85,13 @@ class Daemon:
         # and the next stat costs a GETATTR request per file)
         self._session_ro = not any(a.debug for a in cfg.ays)
         self.debug_log = self._debug_log
+        # restart without unmounting (aysfsd.handover): "" stop for good, "exit" leave the FUSE
+        # connection in systemd's fd store, "exec" re-execute this program with it
+        self.handover_mode = ""
+        self.exec_fds: dict[str, int] = {}  # after run(): what to pass to the re-executed program
+        self._adopted: Restored | None = None  # the state a previous process handed over
+        self._fuse_fd = -1
+        self._fuse_done = trio.Event()
 
     # -- refs ---------------------------------------------------------------------------------
 
@@ -199,9 +207,10 @@ class Daemon:
         if mp.cfg.debug and mp.overlay is None:
             mp.overlay = DebugOverlay(mp.name, self.cfg.debug)
             await mp.overlay.load()
-        if sysmount.is_mounted(mp.cfg.mnt):
-            sysmount.cleanup_stale([mp.cfg.mnt])
-        await sysmount.bind(os.path.join(self.fuse_root, mp.name), mp.cfg.mnt, read_only=not mp.cfg.debug)
+        if not (self._adopted and mp.name in self._adopted.mounts and sysmount.is_mounted(mp.cfg.mnt)):
+            if sysmount.is_mounted(mp.cfg.mnt):
+                sysmount.cleanup_stale([mp.cfg.mnt])
+            await sysmount.bind(os.path.join(self.fuse_root, mp.name), mp.cfg.mnt, read_only=not mp.cfg.debug)
         if not self._read_ahead_set:
             # after FUSE INIT (a bind mount needed it), which caps read-ahead at the 128 KiB default
             self._read_ahead_set = sysmount.set_read_ahead(self.fuse_root, READ_AHEAD_KB)
@@ -209,6 +218,26 @@ class Daemon:
         self.start_prefetch(mp)
         log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
                  extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+
+    async def adopt_mount(self, cfg: AysConfig) -> None:
+        """A mount handed over by the previous process: it served on during the restart from the
+        version it had; its ref is checked again, its bind mount stays."""
+        assert self._adopted is not None
+        mp = self.ops.mounts[cfg.name]
+        old = self._adopted.old_mnt.get(cfg.name, "")
+        if old and os.path.normpath(old) != os.path.normpath(cfg.mnt) and sysmount.is_mounted(old):
+            await sysmount.unbind(old)  # the config moved it while we restarted
+        try:
+            await self._bring_up(mp)
+        except Exception as e:
+            if mp.ref is not None and sysmount.is_mounted(cfg.mnt):
+                log.warning("mount %s: serving the version it had (%s): %s", mp.name, mp.ref.root[:12], e,
+                            extra={"AYSFS_MOUNT": mp.name, "AYS_ID": cfg.id})
+                mp.state, mp.error = "up", ""
+                return
+            mp.state, mp.error = "error", str(e)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._retry_loop, mp)
 
     async def _retry_loop(self, mp: MountPoint) -> None:
         with trio.CancelScope() as scope:
@@ -403,8 +432,18 @@ class Daemon:
                     log.info("SIGHUP: reloading")
                     await self.reload()
                 else:
-                    log.info("%s: stopping", signal.Signals(sig).name)
+                    if sig == signal.SIGTERM and await handover.restart_pending():
+                        log.info("SIGTERM with a restart of the unit queued: handing the mounts over")
+                        self.handover_mode = "exit"
+                    else:
+                        log.info("%s: stopping", signal.Signals(sig).name)
                     self._stop.set()
+
+    def request_handover(self) -> str:
+        """`aysctl restart`: re-execute with the mounts handed over (no unmount, no lost request)."""
+        self.handover_mode = "exec"
+        self._stop.set()
+        return "re-executing aysfsd; the mounts stay and are served again in a moment"
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -428,28 +467,101 @@ class Daemon:
             await trio.to_thread.run_sync(self.cache.flush)
 
     async def _fuse_main(self) -> None:
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+        finally:
+            self._fuse_done.set()
+
+    def _resumable(self, fds: dict[str, int]) -> handover.Resume | None:
+        """A session handed over by the previous process, when its descriptor and mounts are there."""
+        fuse_fd = fds.get(handover.FUSE_FDNAME)
+        if fuse_fd is None:
+            return None
+        why = ""
+        if not handover.is_fuse_device(fuse_fd):
+            why = "the descriptor handed over is not /dev/fuse"
+        elif not sysmount.is_mounted(self.fuse_root):
+            why = f"{self.fuse_root} is no longer mounted (the connection ended)"
+        if why:
+            log.warning("cannot resume the FUSE session: %s; mounting a new one", why)
+            os.close(fuse_fd)
+            return None
+        return handover.Resume(fuse_fd)
+
+    def _start_session(self, options: set[str]) -> None:
+        """Mount a new FUSE session, or resume the one the previous process handed over."""
+        fds = handover.received_fds()
+        resume = self._resumable(fds)
+        state_fd = fds.get(handover.STATE_FDNAME)
+        if resume is None and state_fd is not None:
+            os.close(state_fd)
+            state_fd = None
+        journal = StateJournal(state_fd)
+        if resume is not None:
+            self._adopted = restore(journal.records(), self.cfg.ays)
+            self.ops.adopt(self._adopted)
+            log.info("resuming the FUSE session of the previous process: %d mounts, %d inodes, %d open files "
+                     "(%d records skipped)", len(self._adopted.mounts), len(self._adopted.nodes),
+                     len(self._adopted.open_files), self._adopted.skipped)
+            for mnt in self._adopted.gone.values():
+                if mnt and sysmount.is_mounted(mnt):
+                    sysmount.cleanup_stale([mnt])  # removed from the config while we restarted
+            journal.snapshot(self.ops.snapshot())
+        else:
+            sysmount.cleanup_stale([self.fuse_root] + [a.mnt for a in self.cfg.ays])
+            os.makedirs(self.fuse_root, mode=0o755, exist_ok=True)
+        self.ops.journal = journal
+        journal.compact = self.ops.snapshot
+        if resume is not None:
+            self.ops.on_init = resume.finish
+            pyfuse3.init(self.ops, resume.mountpoint(), options)
+            resume.start()
+            self._fuse_fd = resume.fuse_fd
+        else:
+            pyfuse3.init(self.ops, self.fuse_root, options)
+            self._fuse_fd = handover.session_fd()
+        if handover.fd_store_available():
+            handover.store(handover.FUSE_FDNAME, self._fuse_fd)
+            handover.store(handover.STATE_FDNAME, journal.fd)
+
+    async def _hand_over(self) -> None:
+        """Stop reading requests, answer those already read, write the state for the next process."""
+        notify.notify("STOPPING=1", "STATUS=handing the mounts over to the next process")
+        pyfuse3.terminate()
+        with trio.move_on_after(max(5.0, self.cfg.main.fetch_timeout + 2)) as scope:
+            await self._fuse_done.wait()
+        if scope.cancelled_caught:
+            log.warning("requests still running after %.0fs: the next process gets them again",
+                        scope.deadline - trio.current_time())
+        journal = self.ops.journal
+        assert isinstance(journal, StateJournal)
+        journal.snapshot(self.ops.snapshot())
+        if self.handover_mode == "exec":
+            self.exec_fds = {handover.FUSE_FDNAME: os.dup(self._fuse_fd), handover.STATE_FDNAME: os.dup(journal.fd)}
+        log.info("handed over: %d inodes, %d open files", len(self.ops.nodes), len(self.ops.open_files))
 
     async def run(self) -> None:
-        paths = [self.fuse_root] + [a.mnt for a in self.cfg.ays]
-        sysmount.cleanup_stale(paths)
-        os.makedirs(self.fuse_root, mode=0o755, exist_ok=True)
         options = set(pyfuse3.default_options)
         options |= {"fsname=" + sysmount.FSNAME, "subtype=aysfs", "allow_other", "default_permissions"}
         if self._session_ro:
             options.add("ro")
-        pyfuse3.init(self.ops, self.fuse_root, options)
+        self._start_session(options)
         log.info("FUSE session at %s", self.fuse_root)
         try:
             async with trio.open_nursery() as n:
                 self.nursery = n
                 self.fetcher.nursery = n
                 n.start_soon(self._fuse_main)
+                if self._adopted is not None:
+                    handover.ask_resend(self._fuse_fd)  # what a killed process had read, unanswered
                 n.start_soon(self._signals)
                 await n.start(ControlServer(self, self.cfg.main.control_socket).serve)
                 async with trio.open_nursery() as starting:  # concurrently: READY does not wait on each in turn
                     for a in self.cfg.ays:
-                        starting.start_soon(self.start_mount, a)
+                        if self._adopted is not None and a.name in self._adopted.mounts:
+                            starting.start_soon(self.adopt_mount, a)
+                        else:
+                            starting.start_soon(self.start_mount, a)
                 n.start_soon(watch_config, self.config_path, self.reload)
                 n.start_soon(self._expiry_loop)
                 n.start_soon(self._flush_loop)
@@ -459,18 +571,26 @@ class Daemon:
                 notify.notify("READY=1", f"STATUS={self.status_line()}")
                 log.info("ready: %s", self.status_line())
                 await self._stop.wait()
-                notify.notify("STOPPING=1")
-                for name in list(self.ops.mounts):
-                    await self.stop_mount(name, shutdown=True)
+                if self.handover_mode:
+                    await self._hand_over()
+                else:
+                    notify.notify("STOPPING=1")
+                    for name in list(self.ops.mounts):
+                        await self.stop_mount(name, shutdown=True)
                 with trio.move_on_after(2):
                     await self.fetcher.drain()  # queued grid write-backs: no temp files left behind
                 n.cancel_scope.cancel()
         finally:
             try:
-                pyfuse3.close(unmount=True)
+                pyfuse3.close(unmount=not self.handover_mode)
             except Exception as e:
                 log.error("closing the FUSE session: %s", e)
-            sysmount.cleanup_stale([self.fuse_root])
+            if not self.handover_mode:
+                if self._adopted is not None:
+                    sysmount.unmount_session(self.fuse_root)
+                sysmount.cleanup_stale([self.fuse_root])
+                if handover.fd_store_available():
+                    handover.forget_stored()
             for s in self.fetcher.grid + self.fetcher.stors:
                 with trio.CancelScope(shield=True):
                     await s.store.aclose()

@@ -17,6 +17,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 import pyfuse3
 
@@ -27,6 +28,7 @@ from .fs_debug import DebugWrites
 from .fuseguard import erofs, guarded
 from .nodes import MountPoint, Node, OpenFile
 from .ref import Ref
+from .statejournal import Journal, Restored, snapshot_records
 from .tiers import Fetcher, FetchError
 from .tree import (
     CHUNK_SIZE,
@@ -72,7 +74,30 @@ class Operations(DebugWrites, pyfuse3.Operations):
         self._dirs: OrderedDict[str, tuple[list[Entry], NameIndex]] = OrderedDict()
         self.started = time.time()
         self._debug_mtimes = {}
+        self.journal: Journal = Journal()  # what the next daemon needs to resume (aysfsd.handover)
+        self.on_init: Callable[[], None] | None = None  # resuming a session: called on FUSE INIT
         cache.set_pinned(self.pinned_blobs)
+
+    def init(self) -> None:
+        # must never raise (libfuse calls it while handling FUSE INIT)
+        try:
+            if self.on_init is not None:
+                self.on_init()
+        except Exception:
+            log.exception("resuming the FUSE session failed")
+
+    def adopt(self, state: Restored) -> None:
+        """Take over the inodes, open files and mount tops a previous daemon handed out."""
+        self.mounts.update(state.mounts)
+        self.nodes.update(state.nodes)
+        self.open_files.update(state.open_files)
+        self._next_ino = max(self._next_ino, state.next_ino)
+        self._next_fh = max(self._next_fh, state.next_fh)
+
+    def snapshot(self) -> Iterator[dict[str, object]]:
+        """The state a graceful hand-over passes on (see aysfsd.statejournal)."""
+        return snapshot_records(list(self.mounts.values()), self.nodes, self.open_files,
+                                self._next_ino, self._next_fh)
 
     # -- mounts -------------------------------------------------------------------------------
 
@@ -85,12 +110,14 @@ class Operations(DebugWrites, pyfuse3.Operations):
         mp = MountPoint(cfg, self._new_ino())
         self.mounts[cfg.name] = mp
         self.nodes[mp.top_ino] = Node(mp.top_ino, mp, mp.top_entry(), ROOT_INO, lookups=1)
+        self.journal.mount(mp)
         return mp
 
     def remove_mount(self, name: str, notify_kernel: bool = True) -> None:
         mp = self.mounts.pop(name, None)
         if mp is None:
             return
+        self.journal.unmount(name)
         top = self.nodes.get(mp.top_ino)
         if top is not None:
             top.children = None
@@ -102,6 +129,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         """Switch a mount to another version: new lookups see it, open files keep theirs."""
         old = mp.ref
         mp.ref = ref
+        self.journal.mount(mp)
         top = self.nodes[mp.top_ino]
         top.entry = mp.top_entry()
         if old is not None and old.root != ref.root:
@@ -176,6 +204,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
             node = Node(self._new_ino(), parent.mount, entry, parent.ino, path, dbg=dbg, tree_entry=tree_entry)
             self.nodes[node.ino] = node
             parent.children[entry.name] = node.ino
+            self.journal.node(node)
         return node
 
     def _debug_path(self, node: Node) -> bool:
@@ -284,6 +313,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 node.lookups -= n
                 if node.lookups <= 0 and node.ino != node.mount.top_ino:
                     del self.nodes[ino]
+                    self.journal.dropped(ino)
                     parent = self.nodes.get(node.parent)
                     if parent is not None and parent.children is not None:
                         if parent.children.get(node.entry.name) == ino:
@@ -350,6 +380,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self.open_files[fh] = of
+        if not (flags & WRITE_FLAGS):
+            self.journal.opened(fh, inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=not editable, direct_io=False)
 
     async def _fetch_siblings(self, node: Node) -> None:
@@ -446,6 +478,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
     @guarded
     async def release(self, fh: int) -> None:
         of = self.open_files.pop(fh, None)
+        if of is not None and of.buf is None:
+            self.journal.released(fh)
         if of is not None and of.dirty:
             await self._commit(of)  # after a failed flush: one more try, errors only logged
 

@@ -49,7 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         log.exception("aysfsd failed: %s", e)
         return 1
+    if daemon.exec_fds:  # `aysctl restart`: the same process, the new program, the same mounts
+        reexec(daemon.exec_fds, argv)
     return 0
+
+
+def reexec(fds: dict[str, int], argv: list[str] | None) -> None:
+    from . import handover
+
+    for fd in fds.values():
+        os.set_inheritable(fd, True)
+    os.environ[handover.ENV_FDS] = ",".join(f"{name}={fd}" for name, fd in fds.items())
+    rest = sys.argv[1:] if argv is None else argv
+    if os.path.isfile(sys.argv[0]) and os.access(sys.argv[0], os.X_OK):
+        args = [sys.argv[0], *rest]  # /usr/bin/aysfsd: after an upgrade, the new program
+    else:
+        args = [sys.executable, "-m", "aysfsd.main", *rest]
+    log.info("re-executing: %s", " ".join(args))
+    logging.shutdown()
+    os.execv(args[0], args)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,14 @@ def is_mounted(path: str) -> bool:
     return os.path.normpath(path) in {os.path.normpath(p) for p in our_mounts()}
 
 
+def unmount_session(path: str) -> None:
+    """Unmount the FUSE session root of a resumed session (libfuse did not mount it, so it
+    does not unmount it either)."""
+    r = subprocess.run(["umount", "-l", path], capture_output=True, text=True)
+    if r.returncode != 0 and is_mounted(path):
+        log.error("could not unmount %s: %s", path, r.stderr.strip())
+
+
 def cleanup_stale(paths: list[str]) -> list[str]:
     """Lazily unmount leftovers of a crashed daemon at `paths` (or below them)."""
     cleaned = []

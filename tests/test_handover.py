@@ -1,0 +1,196 @@
+"""Restart without unmounting: the next daemon process resumes the same FUSE connection
+(aysfsd.handover), so readers see a pause, never ENOENT, ENOTCONN or EIO, and inode numbers
+and open files stay valid. `aysctl restart` re-executes the daemon; a killed daemon is resumed
+from descriptors someone kept (systemd's fd store in production; this test takes them itself)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import BIN, Daemon, aysctl, basic_config, mounted, sample_tree, wait_for
+from tests.servers import Nginx
+
+AYS = "jumpscale|handover!main"
+SYS_pidfd_getfd = 438
+
+READER = r"""
+import os, sys, time
+root, stop = sys.argv[1], sys.argv[2]
+ok = errors = 0
+last = ""
+deadline = time.monotonic() + 120
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    try:
+        names = os.listdir(root)
+        assert "which.txt" in names, names
+        with open(os.path.join(root, "which.txt")) as f:
+            assert f.read().startswith("jumpscale|handover"), "content"
+        os.stat(os.path.join(root, "lib", "json", "decoder.py"))
+        ok += 1
+    except Exception as e:
+        errors += 1
+        last = repr(e)
+    time.sleep(0.02)
+print(ok, errors, last)
+"""
+
+
+def _take_fd(pid: int, fd: int) -> int:
+    """A duplicate of another process's descriptor (the same open file, like systemd's fd store)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        got = libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0)
+        if got < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        return int(got)
+    finally:
+        os.close(pidfd)
+
+
+def _fds_of(pid: int) -> dict[str, int]:
+    out = {}
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{n}")
+        except OSError:
+            continue
+        if link == "/dev/fuse":
+            out.setdefault("aysfs-fuse", int(n))
+        elif link.startswith("/memfd:aysfs-state"):
+            out.setdefault("aysfs-state", int(n))
+    return out
+
+
+def _pin(mnt: Path) -> dict[str, int]:
+    return {p: os.open(mnt / p, os.O_RDONLY) for p in ("which.txt", "lib/json", "lib/json/decoder.py")}
+
+
+@pytest.fixture
+def published(work: Path, nginx_stor: Nginx) -> Path:
+    src = work / "src"
+    sample_tree(src, big_size=9 * 1024 * 1024 + 12345)  # three chunks: reads after the restart are uncached
+    (src / "which.txt").write_text(AYS + "\n")
+    aysctl("publish", str(src), "--ays", AYS, "--stor", nginx_stor.url)
+    return src
+
+
+def _start(work: Path, nginx_stor: Nginx, name: str) -> tuple[Daemon, Path]:
+    mnt = work / "mnt"
+    cfg = work / "aysfs.toml"
+    cfg.write_text(basic_config(work / "st", [nginx_stor.url], {AYS: str(mnt)}))
+    return Daemon(cfg, work / f"{name}.log").start(wait_mounts=[mnt]), mnt
+
+
+def _reader(mnt: Path, stop: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", READER, str(mnt), str(stop)], stdout=subprocess.PIPE, text=True)
+
+
+def test_aysctl_restart_keeps_mounts_open_files_and_inodes(work: Path, nginx_stor: Nginx, published: Path) -> None:
+    d, mnt = _start(work, nginx_stor, "d")
+    try:
+        pid = d.proc.pid if d.proc else 0
+        big = mnt / "data" / "big.bin"
+        want = (published / "data" / "big.bin").read_bytes()
+        f = open(big, "rb")  # held across the restart; only its first bytes are read before
+        assert f.read(4096) == want[:4096]
+        pinned = _pin(mnt)  # open: the kernel cannot forget them (drop_caches elsewhere would)
+        inos = {p: os.fstat(fd).st_ino for p, fd in pinned.items()}
+        stop = work / "stop-reader"
+        reader = _reader(mnt, stop)
+        time.sleep(0.5)
+        r = aysctl("restart", "--socket", str(work / "st" / "aysfsd.sock"))
+        assert f"pid {pid}" in r.stdout, r.stdout
+        wait_for(lambda: "resuming the FUSE session" in d.log(), 15, "the resumed session")
+        time.sleep(0.5)
+        stop.write_text("")
+        out, _ = reader.communicate(timeout=60)
+        ok, errors, last = out.split(" ", 2)
+        assert int(errors) == 0, f"reader errors through the restart: {out}"
+        assert int(ok) > 10
+        assert d.proc is not None and d.proc.poll() is None and d.proc.pid == pid
+        assert mounted(mnt)
+        # the open file goes on reading, including chunks never fetched before the restart
+        f.seek(4096)
+        rest = f.read()
+        f.close()
+        assert hashlib.sha256(want[4096:]).digest() == hashlib.sha256(rest).digest()
+        assert {p: os.stat(mnt / p).st_ino for p in inos} == inos
+        for fd in pinned.values():
+            os.close(fd)
+        log = d.log()
+        assert "removed stale mount" not in log
+        assert "Traceback" not in log
+    finally:
+        d.stop()
+    assert not mounted(mnt)
+
+
+def test_killed_daemon_is_resumed_from_kept_descriptors(work: Path, nginx_stor: Nginx, published: Path) -> None:
+    """What systemd does with FileDescriptorStoreMax= and Restart=on-failure, done by the test."""
+    d, mnt = _start(work, nginx_stor, "d1")
+    kept: dict[str, int] = {}
+    d2 = None
+    try:
+        assert d.proc is not None
+        big = mnt / "data" / "big.bin"
+        want = (published / "data" / "big.bin").read_bytes()
+        f = open(big, "rb")
+        assert f.read(4096) == want[:4096]
+        pinned = _pin(mnt)  # open: the kernel cannot forget them (drop_caches elsewhere would)
+        inos = {p: os.fstat(fd).st_ino for p, fd in pinned.items()}
+        fds = _fds_of(d.proc.pid)
+        assert set(fds) == {"aysfs-fuse", "aysfs-state"}, fds
+        kept = {name: _take_fd(d.proc.pid, fd) for name, fd in fds.items()}
+        stop = work / "stop-reader"
+        reader = _reader(mnt, stop)
+        time.sleep(0.3)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+        d.proc = None
+        time.sleep(0.3)  # requests queue in the kernel meanwhile
+        for fd in kept.values():
+            os.set_inheritable(fd, True)
+        env = {"AYSFS_HANDOVER_FDS": ",".join(f"{k}={v}" for k, v in kept.items())}
+        cfg = work / "aysfs.toml"
+        logf = open(work / "d2.log", "ab")
+        d2 = subprocess.Popen([str(BIN / "aysfsd"), "--config", str(cfg), "--log-level", "debug"],
+                              stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ, **env),
+                              pass_fds=list(kept.values()))
+        logf.close()
+        for fd in kept.values():
+            os.close(fd)
+        kept = {}
+        d2log = work / "d2.log"
+        wait_for(lambda: " ready: " in d2log.read_text(errors="replace"), 20, "the second daemon")
+        time.sleep(0.5)
+        stop.write_text("")
+        out, _ = reader.communicate(timeout=60)
+        ok, errors, last = out.split(" ", 2)
+        assert int(errors) == 0, f"reader errors through the kill: {out}"
+        f.seek(4096)
+        rest = f.read()
+        f.close()
+        assert hashlib.sha256(want[4096:]).digest() == hashlib.sha256(rest).digest()
+        assert {p: os.stat(mnt / p).st_ino for p in inos} == inos
+        for fd in pinned.values():
+            os.close(fd)
+        text = d2log.read_text(errors="replace")
+        assert "resuming the FUSE session" in text and "removed stale mount" not in text
+    finally:
+        for fd in kept.values():
+            os.close(fd)
+        d.stop()
+        if d2 is not None:
+            d2.send_signal(signal.SIGTERM)
+            d2.wait(20)
+    assert not mounted(mnt)
