@@ -636,6 +636,25 @@ def scenario(t: Target, script: Path) -> None:
     r = t.run(["/usr/bin/python3", f"{share}/test_installed.py", "verify-tree", src, mnt])
     R.check("...and reads correctly", r.returncode == 0, out(r))
 
+    if isinstance(t, NspawnTarget):
+        # a reader through `systemctl restart` and a SIGKILL that Restart=on-failure recovers:
+        # the next process resumes the FUSE connection from the fd store (aysfsd.handover)
+        stopf = f"{share}/stop-reader"
+        r = t.run(["sh", "-c",
+                   f'rm -f "{stopf}"; /usr/bin/python3 "{share}/test_installed.py" through-restarts "{src}" "{mnt}" '
+                   f'"{stopf}" > "{share}/reader.out" 2>&1 & reader=$!; sleep 1; '
+                   'systemctl restart aysfsd; sleep 2; '
+                   'systemctl kill -s KILL aysfsd; sleep 1; '
+                   'for i in $(seq 1 100); do systemctl is-active -q aysfsd && break; sleep 0.1; done; sleep 2; '
+                   f'touch "{stopf}"; wait $reader; rc=$?; cat "{share}/reader.out"; exit $rc'], timeout=180)
+        R.check("a reader through systemctl restart and a SIGKILL: no error, its open file reads on",
+                r.returncode == 0, out(r) + "\n" + t.journal()[-3000:])
+        R.note(f"reader through the restarts: {r.stdout.strip()}")
+        j = t.journal()
+        R.check("...both restarts resumed the FUSE session (no stale mount removed)",
+                j.count("resuming the FUSE session") >= 2 and "removed stale mount" not in j.split("resuming")[-1],
+                j[-3000:])
+
     rc = t.stop()
     R.check("stop: aysfsd exits 0", rc == 0, str(rc))
     left = aysfs_mounts(t.mountinfo())
@@ -902,7 +921,43 @@ def purge_phase(group_existed: bool) -> None:
     MARKER.unlink(missing_ok=True)
 
 
+def through_restarts(src: Path, mnt: Path, stop: Path) -> int:
+    """In the container: hold big.bin open (one chunk read), list and read the mount every 20 ms
+    until `stop` appears, then read the rest of big.bin; print counts, exit 1 on any error."""
+    want = (src / "big.bin").read_bytes()
+    held = open(mnt / "big.bin", "rb")
+    ok = errors = 0
+    longest = 0.0
+    last = time.monotonic()
+    problems: list[str] = []
+    assert held.read(4096) == want[:4096]
+    deadline = time.monotonic() + 120
+    while not stop.exists() and time.monotonic() < deadline:
+        t0 = time.monotonic()
+        try:
+            names = os.listdir(mnt)
+            assert "hello.txt" in names, f"listing {names}"
+            assert (mnt / "hello.txt").read_text() == "hello from the installed aysfs\n", "content"
+            os.stat(mnt / "a" / "b" / "c" / "deep.txt")
+            ok += 1
+        except Exception as e:  # noqa: BLE001 (counted and reported)
+            errors += 1
+            if len(problems) < 5:
+                problems.append(repr(e))
+        longest = max(longest, time.monotonic() - t0, time.monotonic() - last - 0.02)
+        last = time.monotonic()
+        time.sleep(0.02)
+    rest = held.read()
+    if rest != want[4096:]:
+        errors += 1
+        problems.append(f"the held big.bin read {len(rest)} bytes after the restarts, not the published ones")
+    print(f"ok {ok} errors {errors} longest_pause {longest:.2f}s {'; '.join(problems)}")
+    return 1 if errors or not ok else 0
+
+
 def main() -> int:
+    if len(sys.argv) >= 2 and sys.argv[1] == "through-restarts":
+        return through_restarts(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     if len(sys.argv) >= 2 and sys.argv[1] == "verify-tree":
         problems = verify_tree(Path(sys.argv[2]), Path(sys.argv[3]))
         print("\n".join(problems) or "tree OK")
