@@ -498,7 +498,7 @@ class Daemon:
             state_fd = None
         journal = StateJournal(state_fd)
         if resume is not None:
-            self._adopted = restore(journal.records(), self.cfg.ays)
+            self._adopted = restore(journal.lines(), self.cfg.ays, self.ops.cached_entries)
             self.ops.adopt(self._adopted)
             log.info("resuming the FUSE session of the previous process: %d mounts, %d inodes, %d open files "
                      "(%d records skipped)", len(self._adopted.mounts), len(self._adopted.nodes),

@@ -28,7 +28,7 @@ from .fs_debug import DebugWrites
 from .fuseguard import erofs, guarded
 from .nodes import MountPoint, Node, OpenFile
 from .ref import Ref
-from .statejournal import Journal, Restored, snapshot_records
+from .statejournal import Journal, Restored, snapshot_lines
 from .tiers import Fetcher, FetchError
 from .tree import (
     CHUNK_SIZE,
@@ -94,10 +94,24 @@ class Operations(DebugWrites, pyfuse3.Operations):
         self._next_ino = max(self._next_ino, state.next_ino)
         self._next_fh = max(self._next_fh, state.next_fh)
 
-    def snapshot(self) -> Iterator[dict[str, object]]:
+    def snapshot(self) -> Iterator[bytes]:
         """The state a graceful hand-over passes on (see aysfsd.statejournal)."""
-        return snapshot_records(list(self.mounts.values()), self.nodes, self.open_files,
-                                self._next_ino, self._next_fh)
+        return snapshot_lines(list(self.mounts.values()), self.nodes, self.open_files,
+                              self._next_ino, self._next_fh)
+
+    def cached_entries(self, h: str) -> list[Entry] | None:
+        """A directory object's entries from memory or the local cache, without fetching."""
+        d = self._dirs.get(h)
+        if d is not None:
+            return d[0]
+        data = self.cache.get(h)
+        if data is None:
+            return None
+        try:
+            return decode_dir(data, h)
+        except TreeError as e:
+            log.error("%s", e, extra={"BLOB": h})
+            return None
 
     # -- mounts -------------------------------------------------------------------------------
 

@@ -2,18 +2,21 @@
 
 A FUSE connection outlives a daemon process (aysfsd.handover), and the kernel keeps
 using the inode numbers and file handles the old process gave it. So every node the
-daemon hands out is journaled, as one JSON line, into a memfd that systemd's fd store
-(or a re-exec) passes on; the next process rebuilds its node table from it before it
-answers the first request. A write is a memory copy (no disk, no fsync) and happens when
-a node is created or dropped and when a file is opened or released, not per read.
+daemon hands out is journaled into a memfd that systemd's fd store (or a re-exec) passes
+on; the next process rebuilds its node table from it before it answers a request. A
+record is one short line written when a node is created or dropped, or a file opened or
+released (never per read): no disk, no fsync, about a microsecond.
 
-Records (one JSON object per line):
-    {"mount": name, "top": ino, "mnt": path, "ref": ref JSON or null}   a mount top, its version
-    {"unmount": name}
-    {"n": ino, "p": parent ino, "m": mount, "e": entry, "path": ...}    a node (+ "l": lookups in a snapshot)
-    {"x": ino}                                                          a node the kernel forgot
-    {"o": fh, "i": ino} / {"c": fh}                                     a file opened / released
-    {"next_ino": n, "next_fh": n}                                       counters (snapshots)
+A node is recorded by its place, not its content: inode, parent inode and name. The entry
+is found again in the parent's directory object, which the local cache keeps (and which
+was verified against its hash when fetched), so the journal needs no trust of its own.
+
+    n INO PARENT "NAME"       a node (a snapshot adds its lookup count: n INO PARENT "NAME" LOOKUPS)
+    x INO                     a node the kernel forgot
+    o FH INO / c FH           a file opened / released
+    {"mount": ...}            a mount top, where it is bound and its version (a JSON line)
+    {"unmount": NAME}
+    {"next_ino": N, "next_fh": N}   counters (snapshots)
 
 A graceful hand-over writes a compact snapshot with exact lookup counts. After a crash the
 counts are unknown: restored nodes then live until the next restart (the kernel forgets
@@ -31,12 +34,17 @@ from dataclasses import dataclass, field
 from .config import AysConfig
 from .nodes import MountPoint, Node, OpenFile
 from .ref import RefError, decode_ref
-from .tree import TreeError, decode_entry, encode_entry
+from .tree import KIND_DIR, Entry
 
 log = logging.getLogger("aysfsd.statejournal")
 
 MAX_BYTES = 256 << 20  # past this the journal is compacted (snapshot) or, failing that, stopped
 UNKNOWN_LOOKUPS = 1 << 40
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # one encoder: dumps() makes one a call
+
+
+def _line(rec: dict[str, object]) -> bytes:
+    return _ENCODE(rec).encode("utf-8", "surrogateescape") + b"\n"
 
 
 class Journal:
@@ -53,18 +61,20 @@ class Journal:
 
 
 class StateJournal(Journal):
-    """Append-only JSON lines in a memfd (see the module docstring)."""
+    """Append-only lines in a memfd (see the module docstring)."""
 
     def __init__(self, fd: int | None = None) -> None:
         self.fd = fd if fd is not None else os.memfd_create("aysfs-state", os.MFD_CLOEXEC)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self.broken = False
-        self.compact: Callable[[], Iterable[dict[str, object]]] | None = None  # a snapshot of the live state
+        self.compact: Callable[[], Iterable[bytes]] | None = None  # a snapshot of the live state
 
     def _write(self, rec: dict[str, object]) -> None:
+        self._put(_line(rec))
+
+    def _put(self, line: bytes) -> None:
         if self.broken:
             return
-        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n"
         if self.size + len(line) > MAX_BYTES and self.compact is not None:
             self.snapshot(self.compact())
         if self.size + len(line) > MAX_BYTES:
@@ -87,21 +97,20 @@ class StateJournal(Journal):
 
     def node(self, node: Node) -> None:
         if node.dbg is None:  # an edited file of debug mode lives in Redis, not in the tree
-            self._write(node_record(node))
+            self._put(node_line(node))
 
     def dropped(self, ino: int) -> None:
-        self._write({"x": ino})
+        self._put(b"x %d\n" % ino)
 
     def opened(self, fh: int, ino: int) -> None:
-        self._write({"o": fh, "i": ino})
+        self._put(b"o %d %d\n" % (fh, ino))
 
     def released(self, fh: int) -> None:
-        self._write({"c": fh})
+        self._put(b"c %d\n" % fh)
 
-    def snapshot(self, records: Iterable[dict[str, object]]) -> None:
-        """Replace the journal with `records` (a compact image of the live state)."""
-        data = b"".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
-                        + b"\n" for r in records)
+    def snapshot(self, lines: Iterable[bytes]) -> None:
+        """Replace the journal with `lines` (a compact image of the live state)."""
+        data = b"".join(lines)
         os.ftruncate(self.fd, 0)
         os.lseek(self.fd, 0, os.SEEK_SET)
         view = memoryview(data)
@@ -111,19 +120,13 @@ class StateJournal(Journal):
         self.size = len(data)
         self.broken = False
 
-    def records(self) -> Iterator[dict[str, object]]:
-        """Every record, oldest first; a torn last line (a crash mid-write) is skipped."""
+    def lines(self) -> list[bytes]:
+        """Every record, oldest first."""
         os.lseek(self.fd, 0, os.SEEK_SET)
         with os.fdopen(os.dup(self.fd), "rb") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    log.warning("state journal: skipping a torn record")
-                    continue
-                if isinstance(rec, dict):
-                    yield rec
+            out = f.readlines()
         os.lseek(self.fd, 0, os.SEEK_END)
+        return out
 
 
 def mount_record(mp: MountPoint) -> dict[str, object]:
@@ -131,13 +134,11 @@ def mount_record(mp: MountPoint) -> dict[str, object]:
     return {"mount": mp.name, "top": mp.top_ino, "mnt": mp.cfg.mnt, "ref": ref}
 
 
-def node_record(node: Node, lookups: int | None = None) -> dict[str, object]:
-    rec: dict[str, object] = {"n": node.ino, "p": node.parent, "m": node.mount.name, "e": encode_entry(node.entry)}
-    if node.path:
-        rec["path"] = node.path
-    if lookups is not None:
-        rec["l"] = lookups
-    return rec
+def node_line(node: Node, lookups: int | None = None) -> bytes:
+    name = _ENCODE(node.entry.name).encode("utf-8", "surrogateescape")
+    if lookups is None:
+        return b"n %d %d %s\n" % (node.ino, node.parent, name)
+    return b"n %d %d %s %d\n" % (node.ino, node.parent, name, lookups)
 
 
 @dataclass
@@ -154,29 +155,56 @@ class Restored:
     skipped: int = 0
 
 
-def restore(records: Iterable[dict[str, object]], configs: Sequence[AysConfig]) -> Restored:
-    """Rebuild the state the records describe, for the mounts still in `configs`."""
+def _parse_node(line: bytes) -> tuple[int, int, str, int | None]:
+    """`n INO PARENT "NAME" [LOOKUPS]` -> (ino, parent, name, lookups or None)."""
+    head, _, rest = line[2:].partition(b" ")
+    parent, _, rest = rest.partition(b" ")
+    rest = rest.rstrip(b"\n")
+    lookups: int | None = None
+    if not rest.endswith(b'"'):
+        rest, _, n = rest.rpartition(b" ")
+        lookups = int(n)
+    name = json.loads(rest.decode("utf-8", "surrogateescape"))
+    if not isinstance(name, str):
+        raise ValueError("name is not a string")
+    return int(head), int(parent), name, lookups
+
+
+def restore(lines: Iterable[bytes], configs: Sequence[AysConfig],
+            entries_of: Callable[[str], list[Entry] | None]) -> Restored:
+    """Rebuild the state the journal describes, for the mounts still in `configs`;
+    `entries_of(hash)` gives a directory object's entries from the local cache (or None)."""
     by_name = {c.name: c for c in configs}
     tops: dict[str, dict[str, object]] = {}
-    raw_nodes: dict[int, dict[str, object]] = {}
+    raw_nodes: dict[int, tuple[int, str, int | None]] = {}
     files: dict[int, int] = {}
     out = Restored()
-    for rec in records:
-        if "n" in rec:
-            raw_nodes[int(rec["n"])] = rec  # type: ignore[call-overload]
-        elif "x" in rec:
-            raw_nodes.pop(int(rec["x"]), None)  # type: ignore[call-overload]
-        elif "o" in rec:
-            files[int(rec["o"])] = int(rec["i"])  # type: ignore[call-overload]
-        elif "c" in rec:
-            files.pop(int(rec["c"]), None)  # type: ignore[call-overload]
-        elif "mount" in rec:
-            tops[str(rec["mount"])] = rec
-        elif "unmount" in rec:
-            tops.pop(str(rec["unmount"]), None)
-        elif "next_ino" in rec:
-            out.next_ino = max(out.next_ino, int(rec["next_ino"]))  # type: ignore[call-overload]
-            out.next_fh = max(out.next_fh, int(rec["next_fh"]))  # type: ignore[call-overload]
+    for line in lines:
+        try:
+            kind = line[:1]
+            if kind == b"n":
+                n_ino, n_parent, n_name, n_lookups = _parse_node(line)
+                raw_nodes[n_ino] = (n_parent, n_name, n_lookups)
+                out.next_ino = max(out.next_ino, n_ino + 1)  # never hand out a number again
+            elif kind == b"x":
+                raw_nodes.pop(int(line[2:]), None)
+            elif kind == b"o":
+                o_fh, o_ino = line[2:].split()
+                files[int(o_fh)] = int(o_ino)
+                out.next_fh = max(out.next_fh, int(o_fh) + 1)
+            elif kind == b"c":
+                files.pop(int(line[2:]), None)
+            elif kind == b"{":
+                rec = json.loads(line)
+                if "mount" in rec:
+                    tops[str(rec["mount"])] = rec
+                elif "unmount" in rec:
+                    tops.pop(str(rec["unmount"]), None)
+                elif "next_ino" in rec:
+                    out.next_ino = max(out.next_ino, int(rec["next_ino"]))
+                    out.next_fh = max(out.next_fh, int(rec["next_fh"]))
+        except (ValueError, KeyError, TypeError):
+            out.skipped += 1  # a torn last line: a crash in the middle of a write
     for name, rec in tops.items():
         top = int(rec["top"])  # type: ignore[call-overload]
         out.next_ino = max(out.next_ino, top + 1)
@@ -195,49 +223,49 @@ def restore(records: Iterable[dict[str, object]], configs: Sequence[AysConfig]) 
         out.old_mnt[name] = str(rec.get("mnt") or "")
     for mp in out.mounts.values():
         out.nodes[mp.top_ino] = Node(mp.top_ino, mp, mp.top_entry(), 1, lookups=UNKNOWN_LOOKUPS)
-    # parents before children: inode numbers grow as nodes are handed out
+    listings: dict[str, dict[str, Entry] | None] = {}
+    # parents before children: a node's parent existed (and was looked up) before it
     for ino in sorted(raw_nodes):
-        rec = raw_nodes[ino]
-        out.next_ino = max(out.next_ino, ino + 1)
-        owner = out.mounts.get(str(rec.get("m")))
-        parent = out.nodes.get(int(rec.get("p", 0)))  # type: ignore[call-overload]
-        if owner is None or parent is None or parent.mount is not owner:
+        parent_ino, name, lookups = raw_nodes[ino]
+        parent = out.nodes.get(parent_ino)
+        if parent is None or parent.entry.kind != KIND_DIR or not parent.entry.hash:
             out.skipped += 1
             continue
-        try:
-            entry = decode_entry(rec["e"])
-        except (TreeError, KeyError) as e:
-            log.warning("state journal: node %d cannot be restored: %s", ino, e)
+        h = parent.entry.hash
+        if h not in listings:
+            got = entries_of(h)
+            listings[h] = {e.name: e for e in got} if got is not None else None
+        entry = (listings[h] or {}).get(name)
+        if entry is None:
             out.skipped += 1
             continue
-        lookups = rec.get("l")
-        node = Node(ino, owner, entry, parent.ino, str(rec.get("path", "")),
-                    lookups=int(lookups) if isinstance(lookups, int) else UNKNOWN_LOOKUPS)
+        path = "" if not parent.mount.cfg.debug else f"{parent.path}/{name}" if parent.path else name
+        node = Node(ino, parent.mount, entry, parent.ino, path,
+                    lookups=lookups if lookups is not None else UNKNOWN_LOOKUPS)
         out.nodes[ino] = node
         if parent.children is None:
             parent.children = {}
-        parent.children[entry.name] = ino
+        parent.children[name] = ino
     for fh, ino in files.items():
-        out.next_fh = max(out.next_fh, fh + 1)
         held = out.nodes.get(ino)
         if held is not None:
             out.open_files[fh] = OpenFile(held, held.entry)
     return out
 
 
-def snapshot_records(mounts: Iterable[MountPoint], nodes: dict[int, Node], open_files: dict[int, OpenFile],
-                     next_ino: int, next_fh: int) -> Iterator[dict[str, object]]:
+def snapshot_lines(mounts: Iterable[MountPoint], nodes: dict[int, Node], open_files: dict[int, OpenFile],
+                   next_ino: int, next_fh: int) -> Iterator[bytes]:
     """A compact image of the live state, exact lookup counts included."""
-    yield {"next_ino": next_ino, "next_fh": next_fh}
+    yield _line({"next_ino": next_ino, "next_fh": next_fh})
     tops = set()
     for mp in mounts:
         tops.add(mp.top_ino)
-        yield mount_record(mp)
+        yield _line(mount_record(mp))
     for ino in sorted(nodes):
         node = nodes[ino]
         if ino in tops or node.dbg is not None or node.mount.top_ino not in tops:
             continue
-        yield node_record(node, node.lookups)
+        yield node_line(node, node.lookups)
     for fh, of in open_files.items():
         if of.dbg is None and of.buf is None:
-            yield {"o": fh, "i": of.node.ino}
+            yield b"o %d %d\n" % (fh, of.node.ino)

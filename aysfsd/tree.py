@@ -242,23 +242,6 @@ def _entry(d: object, packs: list[tuple[str, int]]) -> Entry:
     raise TreeError(f"{name!r}: unknown kind {kind!r:.20}")
 
 
-def encode_entry(e: Entry) -> dict[str, object]:
-    """One entry on its own (its pack inline), for the daemon's state journal."""
-    d = e.to_json(0 if e.pack else -1)
-    if e.pack:
-        d["P"] = [e.pack, e.pack_size]
-    return d
-
-
-def decode_entry(d: object) -> Entry:
-    """The inverse of encode_entry, validated like an entry of a directory object."""
-    if not isinstance(d, dict):
-        raise TreeError("entry is not an object")
-    d = dict(d)
-    raw = d.pop("P", None)
-    return _entry(d, [_pair(raw, PACK_SIZE, "pack")] if raw is not None else [])
-
-
 def decode_dir(data: bytes, obj_hash: str = "?") -> list[Entry]:
     """Parse and validate a directory object; entries sorted by name, unique."""
     try:

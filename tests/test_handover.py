@@ -194,3 +194,52 @@ def test_killed_daemon_is_resumed_from_kept_descriptors(work: Path, nginx_stor: 
             d2.send_signal(signal.SIGTERM)
             d2.wait(20)
     assert not mounted(mnt)
+
+
+def test_journal_restores_nodes_from_directory_objects_and_skips_what_it_cannot() -> None:
+    """The journal names places (parent inode + name); entries come from the directory objects."""
+    from aysfsd.config import AysConfig
+    from aysfsd.nodes import MountPoint, Node
+    from aysfsd.ref import Ref
+    from aysfsd.statejournal import StateJournal, restore
+    from aysfsd.tree import Entry
+
+    root_h, sub_h = "a" * 64, "b" * 64
+    dirs = {
+        root_h: [Entry("sub", "d", 0o755, 0, 1, hash=sub_h), Entry('we"ird\nname', "f", 0o644, 3, 1, hash="c" * 64)],
+        sub_h: [Entry("x.py", "f", 0o644, 5, 1, hash="d" * 64)],
+    }
+    cfg = AysConfig(id="a|b!c", mnt="/nowhere", name="a_b_c")
+    mp = MountPoint(cfg, 2, ref=Ref("a|b!c", root_h, 1, 1.0))
+    top = Node(2, mp, mp.top_entry(), 1, lookups=1)
+    sub = Node(3, mp, dirs[root_h][0], 2)
+    odd = Node(4, mp, dirs[root_h][1], 2)
+    x = Node(5, mp, dirs[sub_h][0], 3)
+    j = StateJournal()
+    j.mount(mp)
+    for n in (sub, odd, x):
+        j.node(n)
+    j.opened(7, 5)
+    j.opened(8, 4)
+    j.released(8)
+    j.node(Node(6, mp, Entry("gone.txt", "f", 0o644, 1, 1, hash="e" * 64), 3))  # not in sub's object
+    j.dropped(4)
+    os.write(j.fd, b"n 9 3 \"torn")  # a crash in the middle of a write
+    st = restore(j.lines(), [cfg], lambda h: dirs.get(h))
+    assert set(st.nodes) == {2, 3, 5}
+    assert st.nodes[5].entry == dirs[sub_h][0] and st.nodes[5].parent == 3
+    assert st.nodes[3].children == {"x.py": 5}
+    assert set(st.open_files) == {7} and st.open_files[7].node is st.nodes[5]
+    assert st.next_ino == 7 and st.next_fh == 9  # past every number handed out, dropped ones too
+    assert st.skipped == 2  # gone.txt and the torn line
+    assert st.mounts[cfg.name].ref == mp.ref
+    # a graceful snapshot keeps exact lookup counts; a mount no longer configured is "gone"
+    top.lookups = 1
+    st.nodes[5].lookups = 4
+    j2 = StateJournal()
+    from aysfsd.statejournal import snapshot_lines
+
+    j2.snapshot(snapshot_lines(st.mounts.values(), st.nodes, st.open_files, st.next_ino, st.next_fh))
+    again = restore(j2.lines(), [cfg], lambda h: dirs.get(h))
+    assert again.nodes[5].lookups == 4 and set(again.nodes) == {2, 3, 5}
+    assert restore(j2.lines(), [], lambda h: dirs.get(h)).gone == {cfg.name: "/nowhere"}
