@@ -12,6 +12,7 @@ way down while the row ran. Native's figures are its cold rows of the same run.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -193,6 +194,9 @@ class Remote:
             except subprocess.TimeoutExpired:
                 c.capped = self.cap
             s2 = rp.wire.snap()
+            if key == "app_profile" and isinstance(peer, Aysfs):  # what the daemon says of the profile's use
+                st = self.mount_status(peer)
+                self.log(f"  aysctl status: profile {st.get('profile')}, watch {st.get('watch')}")
             if v is not None and key == "tar" and rep == 0:  # tar compared sizes; a sample of contents too
                 problem = problem or self.check(self.data, peer, self.data.sample[:-1])[0]
             peer.unmount()
@@ -237,6 +241,26 @@ class Remote:
                 self.log(f"  {self.profile_problem}\n{traceback.format_exc()}")
         raise NotAvailable(self.profile_problem)
 
+    @staticmethod
+    def mount_status(peer: Aysfs) -> dict[str, Any]:
+        """The mount's entry of `aysctl status --json` ({} when it cannot be read)."""
+        r = peer.aysctl("--config", str(peer.config), "--json", "status", timeout=30)
+        try:
+            mounts = json.loads(r.stdout).get("mounts", [])
+        except (ValueError, AttributeError):
+            return {}
+        return next((m for m in mounts if m.get("id") == peer.ays_id), {})
+
+    def wait_recording(self, peer: Aysfs, rec: subprocess.Popen[str]) -> None:
+        """Until the daemon shows the recording armed (bounded): the app start must not begin before it."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and rec.poll() is None:
+            watch = self.mount_status(peer).get("watch") or {}
+            if watch.get("recording") and watch.get("active") and not watch.get("items"):
+                return
+            time.sleep(0.1)
+        raise NotAvailable("aysctl profile record: the recording did not show in aysctl status")
+
     def record_and_publish(self, peer: Aysfs) -> Aysfs:
         if subprocess.run([str(BIN / "aysctl"), "profile", "record", "--help"], capture_output=True).returncode != 0:
             raise NotAvailable("no profile support (aysctl profile record)")
@@ -247,7 +271,7 @@ class Remote:
             rec = subprocess.Popen([str(BIN / "aysctl"), "--config", str(peer.config), "profile", "record",
                                     peer.ays_id, "--idle", str(PROFILE_IDLE), "-o", str(out)],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            time.sleep(1.0)  # the recording is armed before the first access
+            self.wait_recording(peer, rec)
             _, problem = self.measures["app"](self.data, peer, timeout=self.cap)
             try:
                 text, _ = rec.communicate(timeout=PROFILE_IDLE + 60)
