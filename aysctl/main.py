@@ -29,7 +29,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     print(f"ays {args.ays}: revision {res.ref.revision} ({'new' if res.ref_changed else 'unchanged'}); "
           f"{res.files} files, {res.dirs} dirs, {res.symlinks} symlinks, {res.bytes} bytes; "
           f"uploaded {res.uploaded_blobs} blobs ({res.uploaded_bytes} bytes), "
-          f"{res.skipped_blobs} already in the stor; {res.packs} packs (small files, directory objects)")
+          f"{res.skipped_blobs} already in the stor; {res.packs} packs (small files, directory objects), "
+          f"{res.tree_packs} tree packs")
     for p in res.skipped_special:
         print(f"skipped (not a file, dir or symlink): {p}", file=sys.stderr)
     return 0

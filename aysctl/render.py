@@ -177,7 +177,8 @@ def cache_line(cache: Reply) -> Text:
         f" {_str(cache.get('dir'))}: {human_bytes(cache.get('bytes', 0))} / {human_bytes(cache.get('limit', 0))} used, "
         f"{as_int(cache.get('entries'))} entries, hits {as_int(cache.get('hits'))} "
         f"(memory {as_int(cache.get('memory_hits'))}) / misses {as_int(cache.get('misses'))}, "
-        f"{as_int(cache.get('pack_members'))} blobs from {as_int(cache.get('packs'))} packs, "
+        f"{as_int(cache.get('pack_members'))} blobs from {as_int(cache.get('packs'))} packs "
+        f"({as_int(cache.get('tree_packs'))} tree packs), "
         f"evicted {as_int(cache.get('evicted_blobs'))} blobs ({human_bytes(cache.get('evicted_bytes', 0))})")
     return text
 

@@ -342,7 +342,8 @@ class Daemon:
                       "evicted_blobs": c.evicted_blobs, "evicted_bytes": c.evicted_bytes,
                       "skipped_blobs": self.cache.skipped_blobs, "writebacks": k.writebacks,
                       "writeback_errors": k.writeback_errors, "writebacks_skipped": k.writebacks_skipped,
-                      "packs": k.packs, "pack_members": k.pack_members},
+                      "packs": k.packs, "pack_members": k.pack_members,
+                      "tree_packs": k.tree_packs},
             "sources": [{"url": s.name, "tier": s.tier, "down": s.is_down(), "failures": s.failures,
                          "fetched_blobs": s.fetched_blobs, "fetched_bytes": s.fetched_bytes, "corrupt": s.corrupt}
                         for s in self.fetcher.grid + self.fetcher.stors],

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import pyfuse3
 
+from .bulkread import BulkWindow
 from .cache import LocalCache
 from .config import AysConfig
 from .debugstore import PathState
@@ -41,6 +42,7 @@ from .tree import (
     decode_dir,
     pack_members,
 )
+from .treefetch import TreeLoader
 
 log = logging.getLogger("aysfsd.fs")
 
@@ -66,12 +68,14 @@ class Operations(DebugWrites, pyfuse3.Operations):
         super().__init__()
         self.fetcher = fetcher
         self.cache = cache
+        self.trees = TreeLoader(fetcher)
         self.mounts: dict[str, MountPoint] = {}  # by name
         self.nodes: dict[int, Node] = {}
         self.open_files: dict[int, OpenFile] = {}
         self._next_ino = ROOT_INO + 1
         self._next_fh = 1
         self._dirs: OrderedDict[str, tuple[list[Entry], NameIndex]] = OrderedDict()
+        self.bulk = BulkWindow(fetcher, self.nodes, self.load_dir, self._dirs.get)
         self.started = time.time()
         self._debug_mtimes = {}
         self.journal: Journal = Journal()  # what the next daemon needs to resume (aysfsd.handover)
@@ -162,7 +166,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
 
     # -- tree access --------------------------------------------------------------------------
 
-    async def load_dir(self, h: str, grid: bool = True) -> tuple[list[Entry], NameIndex]:
+    async def load_dir(self, h: str, grid: bool = True, ahead: bool = True) -> tuple[list[Entry], NameIndex]:
         """A directory object by hash, decoded and validated (kept in memory and LMDB)."""
         d = self._dirs.get(h)
         if d is not None:
@@ -174,17 +178,32 @@ class Operations(DebugWrites, pyfuse3.Operations):
         except TreeError as e:
             log.error("%s", e, extra={"BLOB": h})
             raise pyfuse3.FUSEError(errno.EIO) from None
-        # one level ahead: directory walks (find, imports, tar) need the subdirectories next;
-        # their objects come in packs (see aysfsd.tree), the others in parallel
-        for pack, members in pack_members(entries, KIND_DIR).items():
-            self.fetcher.fetch_pack(pack, members, local=True, grid=grid, account=None)
-        self.fetcher.fetch_many([e.hash for e in entries if e.kind == KIND_DIR and not e.pack], local=True,
-                                grid=grid, account=None)
+        if ahead:
+            self._subdirs_ahead(entries, grid)
         d = (entries, NameIndex(entries))
         self._dirs[h] = d
         if len(self._dirs) > DIR_CACHE:
             self._dirs.popitem(last=False)
         return d
+
+    def _subdirs_ahead(self, entries: list[Entry], grid: bool) -> None:
+        """One level ahead: directory walks (find, imports, tar) need the subdirectories next;
+        their objects come in packs (see aysfsd.tree), the others in parallel. (Those that
+        tree packs bring are in flight already: nothing is asked twice.)"""
+        for pack, members in pack_members(entries, KIND_DIR).items():
+            self.fetcher.fetch_pack(pack, members, local=True, grid=grid, account=None)
+        self.fetcher.fetch_many([e.hash for e in entries if e.kind == KIND_DIR and not e.pack], local=True,
+                                grid=grid, account=None)
+
+    async def _load_top(self, h: str, grid: bool) -> None:
+        """The first lookup in a version not cached: its tree packs (see aysfsd.treefetch) are
+        asked for beside its root object, then only what they do not bring is fetched ahead."""
+        if h in self._dirs or self.cache.has(h):
+            return
+        self.trees.start(h, grid=grid)
+        entries, _ = await self.load_dir(h, grid=grid, ahead=False)
+        await self.trees.wait(h)
+        self._subdirs_ahead(entries, grid)
 
     def _node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
@@ -198,6 +217,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
         if not node.entry.hash:
             return [], NameIndex([])
         try:
+            if node.ino == node.mount.top_ino:
+                await self._load_top(node.entry.hash, node.mount.cfg.cache_grid)
             return await self.load_dir(node.entry.hash, grid=node.mount.cfg.cache_grid)
         except FetchError as e:
             log.error("mount %s: directory unavailable: %s", node.mount.name, e,
@@ -451,6 +472,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
         if off >= end:
             return b""
         pieces = e.blobs()
+        if off == 0 and of.next_off == 0:
+            self.bulk.first_read(of.node)  # a reader going through a tree in order? (see aysfsd.bulkread)
         out: list[bytes | memoryview] = []
         pos = off
         while pos < end:

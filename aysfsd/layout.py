@@ -2,6 +2,7 @@
 
     <root>/blobs/<first 2 hex>/<sha256 hex>    a blob, stored plain (uncompressed)
     <root>/refs/<escaped ays id>               a ref (JSON, see aysfsd.ref)
+    <root>/trees/<root hash>                   a version's tree index (JSON, see aysfsd.treepacks)
 
 Blobs are stored plain so that any web server can serve them and a byte range of a
 chunk could be requested directly; HTTP transfer compression is the server's business.

@@ -50,25 +50,41 @@ Item = tuple[str, int, Members]  # a blob or pack to prefetch: (hash, size, memb
 
 
 async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[Item], p: Progress,
-                grid: bool) -> None:
+                grid: bool, index_to_grid: bool) -> None:
     """Send every blob of the tree (directory objects included) once; identical subtrees once."""
     seen: set[str] = set()
+    # tree packs (see aysfsd.treepacks): sent instead of the directory objects they hold (and
+    # of the packs of those), as readers fetch them; claimed before the walk loads directories
+    tree_packs = await ops.trees.index(root, write_back=index_to_grid)  # (grid caches need it with the packs)
+    covered = {m for tp in tree_packs for m, _, _ in tp.members}
+    if tree_packs:
+        await ops.load_dir(root, grid=grid, ahead=False)  # alone, as readers get it
+        ops.trees.start(root, grid=grid, packs=tree_packs)
+        await ops.trees.wait(root)
     stack = [(root, False)]  # (directory object, whether it comes in its parent's pack)
     async with send:
+        for tp in tree_packs:
+            seen.add(tp.hash)
+            p.blobs_total += 1
+            p.bytes_total += tp.size
+            await send.send((tp.hash, tp.size, list(tp.members)))
         while stack:
             h, packed = stack.pop()
             data_entries, _ = await ops.load_dir(h, grid=grid)
-            todo: list[Item] = [] if packed else [(h, 0, [])]
+            # the root object alone: readers fetch it alone, before they know of tree packs
+            todo: list[Item] = [] if (packed or h in covered) and h != root else [(h, 0, [])]
             for e in data_entries:
                 if e.kind == KIND_DIR:
                     if e.hash not in seen:
-                        stack.append((e.hash, bool(e.pack)))
+                        stack.append((e.hash, bool(e.pack) and e.hash not in covered))
                 elif not e.pack:
                     todo.extend((bh, size, []) for bh, size in e.blobs())
             # packs of small files, and of the subdirectories' objects (for the grid caches;
             # the objects themselves are in the local cache already: the walk loaded them)
             for kind in (KIND_FILE, KIND_DIR):
                 for ph, members in pack_members(data_entries, kind).items():
+                    if kind == KIND_DIR and all(m in covered for m, _, _ in members):
+                        continue
                     todo.append((ph, members[-1][1] + members[-1][2], members))
             for item in todo:
                 if item[0] in seen:
@@ -170,7 +186,7 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
 
     try:
         async with trio.open_nursery() as n:
-            n.start_soon(_walk, ops, root, send, p, mp.cfg.cache_grid)
+            n.start_soon(_walk, ops, root, send, p, mp.cfg.cache_grid, grid or mp.cfg.cache_grid)
             for _ in range(WORKERS):
                 n.start_soon(worker, recv.clone())
             await recv.aclose()

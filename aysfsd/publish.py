@@ -26,6 +26,7 @@ from .tree import (
     check_name,
     encode_dir,
 )
+from .treepacks import TREE_MAX_PACKS, TREE_PACK_SIZE, encode_index, plan, tree_path
 
 
 @dataclass
@@ -40,6 +41,7 @@ class PublishResult:
     uploaded_bytes: int = 0
     skipped_blobs: int = 0
     packs: int = 0
+    tree_packs: int = 0
     ref_changed: bool = False
     skipped_special: list[str] = field(default_factory=list)
 
@@ -51,6 +53,8 @@ class Publisher:
         self.store = store
         self.progress = progress or (lambda _p: None)
         self._seen: set[str] = set()
+        self._walk: list[tuple[str, bytes]] = []  # directory objects in walk order (tree packs)
+        self._walk_bytes = 0
         self.result = PublishResult(root="", ref=Ref("", "", 0, 0.0))
 
     def _upload(self, h: str, data: bytes) -> None:
@@ -91,6 +95,8 @@ class Publisher:
     def _dir(self, path: str) -> tuple[str, bytes]:
         """Publish a directory: its object's hash and bytes."""
         entries: list[Entry] = []
+        slot = len(self._walk)  # its place in walk order (depth first, name order): before its subdirectories
+        self._walk.append(("", b""))
         pack = _Pack(self._upload_pack)  # its small files
         dpack = _Pack(self._upload_pack)  # its subdirectories' objects
         with os.scandir(path) as it:
@@ -120,7 +126,27 @@ class Publisher:
         data = encode_dir(entries)
         h = hashlib.sha256(data).hexdigest()
         self._upload(h, data)
+        if len(data) <= TREE_PACK_SIZE and self._walk_bytes < 4 * TREE_MAX_PACKS * TREE_PACK_SIZE:
+            self._walk[slot] = (h, data)  # (bounded: more than the packs can hold is not kept)
+            self._walk_bytes += len(data)
         return h, data
+
+    def _tree_packs(self, root: str) -> None:
+        """Write the version's tree packs and its tree index (see aysfsd.treepacks)."""
+        listed: list[tuple[str, list[tuple[str, int]]]] = []
+        for members in plan([(h, d) for h, d in self._walk if h]):
+            data = b"".join(d for _, d in members)
+            ph = hashlib.sha256(data).hexdigest()
+            self._upload(ph, data)
+            listed.append((ph, [(h, len(d)) for h, d in members]))
+        self._walk.clear()
+        self.result.tree_packs = len(listed)
+        if not listed:
+            return
+        index = encode_index(root, listed)
+        rel = tree_path(root)
+        if self.store.read(rel) != index:
+            self.store.write(rel, index)
 
     def _upload_pack(self, h: str, data: bytes) -> None:
         self.result.packs += 1
@@ -131,6 +157,7 @@ class Publisher:
             raise NotADirectoryError(f"{src}: not a directory")
         root, _ = self._dir(src)
         self.result.root = root
+        self._tree_packs(root)  # before the ref: a node that sees the ref finds them
         rel = ref_path(ays_id)
         raw = self.store.read(rel)
         old = decode_ref(raw, ays_id) if raw is not None else None

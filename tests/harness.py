@@ -263,3 +263,24 @@ def pack_holding(stor: Path, data: bytes) -> str:
             if e.get("h") == h and "p" in e:
                 return obj["packs"][e["p"][0]][0]
     raise AssertionError(f"no pack holds {h}")
+
+
+def stor_tree_packs(stor: Path) -> tuple[set[str], set[str]]:
+    """(the tree packs, the directory objects they hold) named by a stor's tree indexes
+    (see aysfsd.treepacks)."""
+    import json
+
+    packs: set[str] = set()
+    members: set[str] = set()
+    for p in (stor / "trees").glob("*") if (stor / "trees").is_dir() else []:
+        for h, _, ms in json.loads(p.read_bytes())["packs"]:
+            packs.add(h)
+            members.update(m for m, _ in ms)
+    return packs, members
+
+
+def stor_roots(stor: Path) -> set[str]:
+    """The root hashes the refs of a stor name."""
+    import json
+
+    return {json.loads(p.read_bytes())["root"] for p in (stor / "refs").glob("*")}

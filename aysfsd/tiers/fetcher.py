@@ -122,6 +122,11 @@ class Fetcher:
         """Prefetch pack `pack` now; returns the members it did not deliver."""
         return await self.packs.load(pack, members, local=local, grid=grid, data=data)
 
+    async def load_packs(self, packs: list[tuple[str, Members]], *, grid: bool, at_once: int,
+                         claimed: trio.Event | None = None) -> int:
+        """Fetch many packs, their missing members claimed at once (see Packs.load_many)."""
+        return await self.packs.load_many(packs, grid=grid, at_once=at_once, claimed=claimed)
+
     async def assembled(self, pack: str, members: Members) -> bytes | None:
         """Pack `pack` rebuilt from its members when all are here and it matches; else None."""
         return await self.packs.assembled(pack, members)

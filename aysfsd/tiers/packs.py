@@ -81,6 +81,40 @@ class Packs:
             await self._fetch(pack, flights, local, grid, None, False, data)
         return [h for h, (f, _, _) in flights.items() if f.result is None]
 
+    async def load_many(self, packs: list[tuple[str, Members]], *, grid: bool, at_once: int,
+                        claimed: trio.Event | None = None) -> int:
+        """Fetch many packs for their missing members, kept in the local cache (a version's
+        directory objects: see aysfsd.treefetch), `at_once` at a time, in order, as readers
+        need them (not after foreground fetches, unlike `load`). Every missing member is
+        claimed first (`claimed` is set then): a reader that needs one waits for its pack
+        rather than asking for it alone. Returns how many packs delivered."""
+        todo = [(p, self._flights(p, ms, True)) for p, ms in packs]
+        if claimed is not None:
+            claimed.set()
+        limit = trio.CapacityLimiter(at_once)
+        delivered = 0
+
+        async def one(pack: str, flights: dict[str, tuple[Flight, int, int]]) -> None:
+            nonlocal delivered
+            try:
+                async with limit:
+                    await self._fetch(pack, flights, True, grid, None, False)
+            finally:
+                for h, (f, _, _) in flights.items():  # never fetched (cancelled while waiting): released
+                    if not f.done.is_set():
+                        f.error, f.retry = f"pack {pack}: not fetched", True
+                        if self._inflight.get(h) is f:
+                            del self._inflight[h]
+                        f.done.set()
+                self._packs_inflight.discard(pack)
+            delivered += any(f.result is not None for f, _, _ in flights.values())
+
+        async with trio.open_nursery() as n:
+            for pack, flights in todo:
+                if flights:
+                    n.start_soon(one, pack, flights)
+        return delivered
+
     async def assembled(self, pack: str, members: Members) -> bytes | None:
         """Pack `pack` rebuilt from its members when all of them are here (local cache or
         memory) and the result matches the pack's hash; else None. Spares a download when a

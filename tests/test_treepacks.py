@@ -1,0 +1,195 @@
+"""Tree packs (aysfsd.treepacks): a version's directory objects in a few requests.
+
+The decoder refuses hostile indexes; publish writes packs that hold every directory object in
+walk order; through the real daemon, nginx and a counting HTTP proxy, a cold walk of a deep
+tree costs a few requests instead of one per level, and a missing, corrupt or truncated pack
+or a bad index only costs requests: the listing stays exact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aysfsd.tree import PACK_SIZE, decode_dir
+from aysfsd.treepacks import (
+    TREE_MAX_PACKS,
+    TREE_PACK_SIZE,
+    TreeIndexError,
+    decode_index,
+    encode_index,
+    plan,
+    tree_path,
+)
+from tests.harness import tree_listing
+from tests.servers import Nginx
+from tests.test_tiers import AYS, ForwardProxy, config, publish, start, status
+
+DEPTH = 12
+H = "ab" * 32
+
+
+# -- the format -------------------------------------------------------------------------------------
+
+
+def test_index_round_trip_and_plan_bounds() -> None:
+    objs = [(hashlib.sha256(b"%d" % i).hexdigest(), b"x" * 1000) for i in range(1200)]
+    packs = plan(objs + objs[:5])  # duplicates once
+    assert sum(len(p) for p in packs) == 1200
+    assert all(sum(len(d) for _, d in p) <= TREE_PACK_SIZE for p in packs)
+    assert [h for p in packs for h, _ in p] == [h for h, _ in objs]  # walk order kept
+    big = plan([(H, b"y" * (TREE_PACK_SIZE + 1))] + objs[:2])
+    assert [[h for h, _ in p] for p in big] == [[objs[0][0], objs[1][0]]]  # too big: alone
+    many = plan([(hashlib.sha256(b"%d" % i).hexdigest(), b"z" * (TREE_PACK_SIZE // 2 + 1)) for i in range(500)])
+    assert len(many) == TREE_MAX_PACKS
+    listed = [(hashlib.sha256(b"".join(d for _, d in p)).hexdigest(), [(h, len(d)) for h, d in p]) for p in packs]
+    got = decode_index(encode_index(H, listed), H)
+    assert [(p.hash, p.size) for p in got] == [(h, sum(s for _, s in ms)) for h, ms in listed]
+    assert got[0].members[:2] == ((objs[0][0], 0, 1000), (objs[1][0], 1000, 1000))
+
+
+@pytest.mark.parametrize("obj, why", [
+    ({"aysfs": "trees", "v": 2, "root": H, "packs": []}, "v1"),
+    ({"aysfs": "trees", "v": 1, "root": "cd" * 32, "packs": []}, "another root"),
+    ({"aysfs": "trees", "v": 1, "root": H, "packs": [], "x": 1}, "unknown fields"),
+    ({"aysfs": "trees", "v": 1, "root": H, "packs": [["../etc", 3, [[H, 3]]]]}, "bad hash"),
+    ({"aysfs": "trees", "v": 1, "root": H, "packs": [[H, PACK_SIZE + 1, [[H, PACK_SIZE + 1]]]]}, "out of bounds"),
+    ({"aysfs": "trees", "v": 1, "root": H, "packs": [[H, 10, [[H, 4], [H, 4]]]]}, "add up"),
+    ({"aysfs": "trees", "v": 1, "root": H, "packs": [[H, 10, [[H, -1], [H, 11]]]]}, "bad member"),
+    ({"aysfs": "trees", "v": 1, "root": H, "packs": [[H, True, [[H, 1]]]]}, "bad pack"),
+    ({"aysfs": "trees", "v": 1, "root": H, "packs": [[H, 1, [[H, 1]]]] * (TREE_MAX_PACKS + 1)}, "at most"),
+])
+def test_index_decoder_refuses_hostile_fields(obj: dict[str, object], why: str) -> None:
+    with pytest.raises(TreeIndexError, match=why):
+        decode_index(json.dumps(obj).encode(), H)
+    with pytest.raises(TreeIndexError, match="not valid JSON"):
+        decode_index(b"[" * 100_000, H)
+
+
+# -- through the daemon -----------------------------------------------------------------------------
+
+
+def deep_tree(dst: Path) -> Path:
+    """DEPTH levels, each with a file, a symlink and a leaf directory beside the next level."""
+    d = dst
+    for i in range(DEPTH):
+        d.mkdir(parents=True)
+        (d / f"f{i}.txt").write_text(f"level {i}\n")
+        (d / f"leaf{i}").mkdir()
+        (d / f"leaf{i}" / "x").write_text("x\n")
+        (d / "up").symlink_to("..")
+        d = d / f"level{i + 1}"
+    return dst
+
+
+def index_of(stor: Path, root: str) -> dict[str, object]:
+    return json.loads((stor / tree_path(root)).read_bytes())
+
+
+def blob(stor: Path, h: str) -> Path:
+    return stor / "blobs" / h[:2] / h
+
+
+@pytest.fixture
+def deep(work: Path, nginx_stor: Nginx) -> Iterator[tuple[Path, str]]:
+    src = deep_tree(work / "src")
+    yield src, publish(src, nginx_stor.url)
+
+
+def test_publish_writes_every_directory_object_in_walk_order(deep: tuple[Path, str], nginx_stor: Nginx) -> None:
+    src, root = deep
+    idx = index_of(nginx_stor.root, root)
+    packs = decode_index(json.dumps(idx).encode(), root)
+    members = [m for p in packs for m in p.members]
+    assert members[0][0] == root
+    for p in packs:
+        data = blob(nginx_stor.root, p.hash).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == p.hash and len(data) == p.size
+        for h, off, size in p.members:
+            assert hashlib.sha256(data[off:off + size]).hexdigest() == h
+            assert blob(nginx_stor.root, h).read_bytes() == data[off:off + size]  # a blob of its own too
+    # every directory of the tree, depth first in name order
+    order: list[str] = []
+
+    def walk(h: str) -> None:
+        order.append(h)
+        for e in decode_dir(blob(nginx_stor.root, h).read_bytes(), h):
+            if e.kind == "d":
+                walk(e.hash)
+
+    walk(root)
+    assert [h for h, _, _ in members] == list(dict.fromkeys(order))
+    assert len(order) == 2 * DEPTH  # DEPTH levels and a leaf directory in each
+
+
+def blob_gets(p: ForwardProxy) -> int:
+    return sum(n for (m, _, path), n in p.seen.items() if m == "GET" and path.startswith("/blobs/"))
+
+
+def meta_listing(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every entry's kind, mode, size, mtime and symlink target: what `find` needs, no file read."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size if not p.is_dir() else 0, st.st_mtime_ns,
+                                             os.readlink(p) if p.is_symlink() else "")
+    return out
+
+
+def cold_walk(work: Path, name: str, nginx_stor: Nginx, proxy: ForwardProxy, src: Path) -> tuple[int, str]:
+    """A cold daemon lists the whole tree (no file read), then reads it: (blob GETs the listing
+    sent to the stor, the daemon's log)."""
+    mnt = work / f"mnt-{name}"
+    text = config(work / name, [{"url": nginx_stor.url, "proxy": proxy.url}], [{"id": AYS, "mnt": str(mnt)}])
+    proxy.seen.clear()
+    with start(work, name, text, [mnt]) as d:
+        assert meta_listing(mnt) == meta_listing(src)
+        gets = blob_gets(proxy)
+        assert tree_listing(mnt) == tree_listing(src)
+        log = d.log()
+        print(f"\n{name}: {gets} blob GETs to list {DEPTH * 2} directories; cache {status(work, name)['cache']}")
+    return gets, log
+
+
+def test_cold_walk_costs_a_few_requests_not_one_per_level(work: Path, deep: tuple[Path, str],
+                                                         nginx_stor: Nginx, stor_proxy: ForwardProxy) -> None:
+    src, root = deep
+    with_packs, _ = cold_walk(work, "packs", nginx_stor, stor_proxy, src)
+    # the root object, its subdirectories' pack (asked while the index comes), the tree pack
+    assert with_packs <= 3
+    (nginx_stor.root / tree_path(root)).unlink()  # as published by an older aysctl
+    without, _ = cold_walk(work, "old", nginx_stor, stor_proxy, src)
+    assert without >= DEPTH  # one level after another
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "bad index", "hostile index"])
+def test_damaged_tree_pack_falls_back_and_the_listing_is_exact(work: Path, deep: tuple[Path, str],
+                                                               nginx_stor: Nginx, stor_proxy: ForwardProxy,
+                                                               damage: str) -> None:
+    src, root = deep
+    idx = index_of(nginx_stor.root, root)
+    pack = blob(nginx_stor.root, idx["packs"][0][0])  # type: ignore[index]
+    data = pack.read_bytes()
+    if damage == "missing":
+        pack.unlink()
+    elif damage == "corrupt":
+        pack.write_bytes(data.replace(b'"t":"f"', b'"t":"l"', 1))
+    elif damage == "truncated":
+        pack.write_bytes(data[: len(data) // 2])
+    elif damage == "bad index":
+        (nginx_stor.root / tree_path(root)).write_bytes(b'{"aysfs":"trees","v":1,')
+    else:  # an index naming foreign blobs: refused as a whole
+        idx["packs"][0][2][0][1] += 1  # type: ignore[index]
+        (nginx_stor.root / tree_path(root)).write_text(json.dumps(idx))
+    gets, log = cold_walk(work, "d", nginx_stor, stor_proxy, src)
+    assert gets >= DEPTH  # the objects came one by one (or per level): slower, exact
+    if damage in ("corrupt", "truncated"):
+        assert f"corrupt blob {idx['packs'][0][0]}" in log  # type: ignore[index]
+    if damage in ("bad index", "hostile index"):
+        assert f"tree index of {root}" in log and "ignored" in log
