@@ -51,8 +51,9 @@ def tree_path(root: str) -> str:
 
 def plan(objects: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
     """Cut directory objects (hash, bytes), in walk order, into consecutive packs of at most
-    TREE_PACK_SIZE bytes and at most TREE_MAX_PACKS packs; duplicates once, an object too big
-    for a pack stays alone (fetched by itself)."""
+    TREE_PACK_SIZE bytes and at most TREE_MAX_PACKS packs; duplicates once. An object too big
+    for a pack stays alone (fetched by itself), and so does one that would be a pack's only
+    member (such a pack would be that very blob: same bytes, same hash)."""
     packs: list[list[tuple[str, bytes]]] = []
     cur: list[tuple[str, bytes]] = []
     size = 0
@@ -62,13 +63,14 @@ def plan(objects: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
             continue
         seen.add(h)
         if size + len(data) > TREE_PACK_SIZE:
-            packs.append(cur)
+            if len(cur) > 1:
+                packs.append(cur)
             cur, size = [], 0
             if len(packs) == TREE_MAX_PACKS:
                 return packs
         cur.append((h, data))
         size += len(data)
-    if cur:
+    if len(cur) > 1:
         packs.append(cur)
     return packs
 
@@ -101,6 +103,8 @@ def _pack(raw: object) -> TreePack:
         off += m[1]
     if off != size:
         raise TreeIndexError(f"pack {h}: members add up to {off} bytes, pack is {size}")
+    if len(members) < 2 or any(m == h for m, _, _ in members):
+        raise TreeIndexError(f"pack {h}: a pack is not its own member")
     return TreePack(h, size, tuple(members))
 
 

@@ -14,7 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from aysfsd.cache import LocalCache
+from aysfsd.layout import blob_path
+from aysfsd.stores import DirStore
+from aysfsd.tiers import Fetcher, Source
 from aysfsd.tree import PACK_SIZE, decode_dir
 from aysfsd.treepacks import (
     TREE_MAX_PACKS,
@@ -44,8 +49,12 @@ def test_index_round_trip_and_plan_bounds() -> None:
     assert [h for p in packs for h, _ in p] == [h for h, _ in objs]  # walk order kept
     big = plan([(H, b"y" * (TREE_PACK_SIZE + 1))] + objs[:2])
     assert [[h for h, _ in p] for p in big] == [[objs[0][0], objs[1][0]]]  # too big: alone
-    many = plan([(hashlib.sha256(b"%d" % i).hexdigest(), b"z" * (TREE_PACK_SIZE // 2 + 1)) for i in range(500)])
-    assert len(many) == TREE_MAX_PACKS
+    many = plan([(hashlib.sha256(b"%d" % i).hexdigest(), b"z" * (TREE_PACK_SIZE // 2 - 1)) for i in range(500)])
+    assert len(many) == TREE_MAX_PACKS and all(len(p) == 2 for p in many)
+    # a pack of one member would be that member's own blob (same bytes, same hash): not made
+    lone = [(hashlib.sha256(b"%d" % i).hexdigest(), b"w" * (TREE_PACK_SIZE // 2 + 1)) for i in range(3)]
+    assert plan(lone) == [] and plan(objs[:1]) == []
+    assert all(len(p) > 1 for p in packs)
     listed = [(hashlib.sha256(b"".join(d for _, d in p)).hexdigest(), [(h, len(d)) for h, d in p]) for p in packs]
     got = decode_index(encode_index(H, listed), H)
     assert [(p.hash, p.size) for p in got] == [(h, sum(s for _, s in ms)) for h, ms in listed]
@@ -62,6 +71,9 @@ def test_index_round_trip_and_plan_bounds() -> None:
     ({"aysfs": "trees", "v": 1, "root": H, "packs": [[H, 10, [[H, -1], [H, 11]]]]}, "bad member"),
     ({"aysfs": "trees", "v": 1, "root": H, "packs": [[H, True, [[H, 1]]]]}, "bad pack"),
     ({"aysfs": "trees", "v": 1, "root": H, "packs": [[H, 1, [[H, 1]]]] * (TREE_MAX_PACKS + 1)}, "at most"),
+    # a pack listed as its own member: its members' flights would wait for itself
+    ({"aysfs": "trees", "v": 1, "root": H, "packs": [[H, 2, [["cd" * 32, 1], [H, 1]]]]}, "its own member"),
+    ({"aysfs": "trees", "v": 1, "root": H, "packs": [["cd" * 32, 2, [["ef" * 32, 2]]]]}, "its own member"),
 ])
 def test_index_decoder_refuses_hostile_fields(obj: dict[str, object], why: str) -> None:
     with pytest.raises(TreeIndexError, match=why):
@@ -193,3 +205,31 @@ def test_damaged_tree_pack_falls_back_and_the_listing_is_exact(work: Path, deep:
         assert f"corrupt blob {idx['packs'][0][0]}" in log  # type: ignore[index]
     if damage in ("bad index", "hostile index"):
         assert f"tree index of {root}" in log and "ignored" in log
+
+
+def test_a_pack_that_is_its_own_member_is_fetched_not_waited_for(tmp_path: Path) -> None:
+    """A hostile directory object or tree index can name a pack as one of its own members;
+    the pack's download must not wait for itself (it would never end: no fetch_timeout)."""
+    stor = DirStore(str(tmp_path / "stor"))
+    data = b"a blob that is its own pack\n"
+    h = hashlib.sha256(data).hexdigest()
+    stor.write(blob_path(h), data)
+    other = b"another member"
+    cache = LocalCache(str(tmp_path / "lmdb"), 1 << 20)
+    got: list[bytes] = []
+
+    async def main() -> None:
+        f = Fetcher(cache, [], [Source(stor, "stor")], timeout=5)
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            with trio.fail_after(5):
+                await f.load_packs([(h, [(h, 0, len(data)), (hashlib.sha256(other).hexdigest(), len(data), 1)])],
+                                   grid=False, at_once=2)
+                got.append(await f.get(h))
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        cache.close()
+    assert got == [data]

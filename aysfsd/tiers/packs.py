@@ -144,7 +144,9 @@ class Packs:
             return {}
         flights: dict[str, tuple[Flight, int, int]] = {}
         for h, off, size in members:
-            if h not in flights and self._missing(h):
+            # (a member that is the pack itself, as a hostile tree can say: the pack's own
+            # download brings it; a flight of its own would wait for itself)
+            if h not in flights and h != pack and self._missing(h):
                 flights[h] = (Flight(local), off, size)
         for h, (f, _, _) in flights.items():
             self._inflight[h] = f
