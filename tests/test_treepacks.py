@@ -233,3 +233,43 @@ def test_a_pack_that_is_its_own_member_is_fetched_not_waited_for(tmp_path: Path)
     finally:
         cache.close()
     assert got == [data]
+
+
+def test_loader_fetches_many_packs_a_few_at_a_time_each_member_once(tmp_path: Path) -> None:
+    """More tree packs than are fetched at once (a big tree): every member delivered, each
+    pack fetched once, and the loader ends (in process, a real directory stor)."""
+    from aysfsd.treefetch import PACKS_AT_ONCE, TreeLoader
+
+    stor = DirStore(str(tmp_path / "stor"))
+    root = hashlib.sha256(b"root").hexdigest()
+    listed = []
+    members = []
+    for i in range(3 * PACKS_AT_ONCE + 1):
+        ms = [b"member %d.%d" % (i, j) * 50 for j in range(3)]
+        data = b"".join(ms)
+        ph = hashlib.sha256(data).hexdigest()
+        stor.write(blob_path(ph), data)
+        listed.append((ph, [(hashlib.sha256(m).hexdigest(), len(m)) for m in ms]))
+        members += ms
+    stor.write(tree_path(root), encode_index(root, listed))
+    cache = LocalCache(str(tmp_path / "lmdb"), 16 << 20)
+    counts: list[int] = []
+
+    async def main() -> None:
+        f = Fetcher(cache, [], [Source(stor, "stor")], timeout=5)
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            with trio.fail_after(10):
+                counts.append(await TreeLoader(f).load(root, False))
+                counts.append(await TreeLoader(f).load(root, False))  # all cached: nothing fetched
+            counts.append(f.counters.packs)
+            counts.append(f.counters.pack_members)
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+        for m in members:
+            assert cache.get(hashlib.sha256(m).hexdigest()) == m
+    finally:
+        cache.close()
+    assert counts == [len(listed), 0, len(listed), len(members)]
