@@ -140,6 +140,7 @@ class Remote:
         self.first_run: dict[tuple[str, str], float] = {}
         self.profiled: Peer | None = None
         self.profile_problem: str | None = None
+        self.link_notes: list[str] = []  # what each proxy carried and its CPU time
         for r in ROWS:
             if r.native:
                 nc = native.get(r.native, {}).get("native")
@@ -169,6 +170,13 @@ class Remote:
                 c.value = statistics.median(c.runs)
             elif c.na is None:
                 c.na = rp.peer.na or "not mounted"
+        for link in {id(rp.wire.link): rp.wire.link for rp in self.peers}.values():
+            cpu, st = link.cpu_seconds(), link.stats()
+            if cpu is not None:
+                self.link_notes.append(f"link  {link.name}: {st.connections} connections, {st.bytes_down / 1e6:.0f} MB "
+                                       f"down, {st.bytes_up / 1e6:.1f} MB up, proxy CPU {cpu:.1f} s "
+                                       f"({st.bytes_down / 1e6 / max(cpu, 0.01):.0f} MB per CPU-second)")
+                self.log(self.link_notes[-1])
 
     def one(self, key: str, rp: RemotePeer, rep: int) -> None:
         c = self.cell(key, rp)

@@ -636,16 +636,18 @@ def main() -> int:
         bench.run()
         results = bench.results
         rres: remote.RResults | None = None
+        link_notes: list[str] = []
         if rpeers:
             rb = remote.Remote(data, results, rpeers, {"find": do_find, "tar": do_tar, "app": do_app, "seq": do_seq},
                                content_check, COLD_RUNS, SLOW_COLD, REMOTE_CAP, log)
             rb.run()
             rres = rb.results
+            link_notes = rb.link_notes
         if os.environ.get("BENCH_SKIP_100K", "") in ("", "0"):
             tree_100k(work / "t100k", cleanup, results)
         else:
             del results["m100k"], results["rss100k"]
-        write_report(results, data, rres)
+        write_report(results, data, rres, link_notes)
         if bench.traces:
             write_traces(bench.traces)
         return 0
@@ -681,7 +683,8 @@ def code_state() -> str:
 CODE0 = code_state()
 
 
-def write_report(results: Results, data: Data, rres: remote.RResults | None = None) -> None:
+def write_report(results: Results, data: Data, rres: remote.RResults | None = None,
+                 link_notes: list[str] | None = None) -> None:
     bars = report.bars(results)
     rbars = remote.bars(rres) if rres is not None else []
     head = (f"aysfs benchmark ({'BENCH_QUICK: ' if QUICK else ''}{len(data.files)} files, "
@@ -700,7 +703,7 @@ def write_report(results: Results, data: Data, rres: remote.RResults | None = No
                     notes.append(f"runs {peer:10} {row.label}: {len(c.runs)} of {COLD_RUNS} cold runs "
                                  f"(the first took over {SLOW_COLD:.0f} s, or a later one failed)")
     if rres is not None:
-        notes += remote.notes(rres)
+        notes += remote.notes(rres) + (link_notes or [])
     text = [head, "", report.plain_table(results), ""]
     if rres is not None:
         text += [remote.plain(rres, COLD_RUNS), ""]

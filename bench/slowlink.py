@@ -376,6 +376,16 @@ class SlowLink:
         self.port = int(line.split()[1].rsplit(b":", 1)[1])
         return self
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the proxy process used so far; None when it is not running."""
+        if self._proc is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stats(self) -> Stats:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
