@@ -109,17 +109,20 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_restart(args: argparse.Namespace) -> int:
     """Restart the daemon in place: it re-executes itself and resumes its FUSE session, so
     mounts, open files and inode numbers stay (readers see a pause, not an error)."""
+    before = call(_socket(args), {"cmd": "status"}, READ_TIMEOUT).get("daemon", {}).get("started")
     reply = call(_socket(args), {"cmd": "restart"}, READ_TIMEOUT)
     deadline = time.monotonic() + READ_TIMEOUT
-    while True:  # the same pid serves again once the new program answers
+    while True:  # the same pid serves again once the new program answers (a new start time)
         try:
             st = call(_socket(args), {"cmd": "status"}, READ_TIMEOUT)
-            break
+            if st.get("daemon", {}).get("started") != before:
+                break
         except ControlError:
-            if time.monotonic() > deadline:
-                raise ControlError(f"aysfsd did not answer within {READ_TIMEOUT:g}s of restarting "
-                                   "(see: journalctl -u aysfsd)", 1) from None
-            time.sleep(0.1)
+            pass
+        if time.monotonic() > deadline:
+            raise ControlError(f"aysfsd did not answer within {READ_TIMEOUT:g}s of restarting "
+                               "(see: journalctl -u aysfsd)", 1)
+        time.sleep(0.1)
     if args.json:
         _print_json({"ok": True, "pid": reply.get("pid"), "status": st})
     else:

@@ -335,6 +335,7 @@ class Daemon:
             })
         return {
             "daemon": {"pid": os.getpid(), "version": __version__, "uptime": round(time.time() - self.started, 3),
+                       "started": self.started, "resumed_session": self._adopted is not None,
                        "config": self.config_path, "config_error": self.status.config_error,
                        "reloads": self.status.reloads, "status": self.status_line()},
             "cache": {"dir": self.cache.path, "entries": c.entries, "bytes": c.bytes, "limit": c.limit,
@@ -534,6 +535,7 @@ class Daemon:
         if scope.cancelled_caught:
             log.warning("requests still running after %.0fs: the next process gets them again",
                         scope.deadline - trio.current_time())
+        await self.ops.save_pending_writes()  # debug mode: keep what was written so far
         journal = self.ops.journal
         assert isinstance(journal, StateJournal)
         journal.snapshot(self.ops.snapshot())

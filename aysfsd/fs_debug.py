@@ -109,6 +109,15 @@ class DebugWrites:
             buf, dirty = bytearray(await self._current_bytes(node)), False
         return OpenFile(node, node.entry, dbg=node.dbg, buf=buf, dirty=dirty)
 
+    async def save_pending_writes(self) -> None:
+        """Before a hand-over to the next process: record every written, unsaved buffer."""
+        for of in list(self.open_files.values()):
+            if of.dirty:
+                try:
+                    await self._commit(of)
+                except pyfuse3.FUSEError:
+                    pass  # logged by _commit
+
     async def _commit(self, of: OpenFile) -> None:
         """Record an open file's buffer in Redis; EIO (and the old version kept) on failure."""
         node = of.node

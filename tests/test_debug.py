@@ -200,3 +200,28 @@ def test_session_read_only_until_a_debug_mount_comes(work: Path, setup: tuple[Pa
             (plain / "lib" / "json" / "decoder.py").write_bytes(b"x")
         assert e.value.errno == errno.EROFS
         assert (plain / "lib" / "json" / "decoder.py").read_bytes() == (src / "lib/json/decoder.py").read_bytes()
+
+
+def test_restart_saves_pending_writes_and_keeps_edits(work: Path, setup: tuple[Path, Path, Path],
+                                                      redis_server: Redis) -> None:
+    """`aysctl restart` with a file open for writing: what was written is in Redis, the edited
+    files stay edited through the resumed session."""
+    src, cfg, mnt = setup
+    r = redis_server.client()
+    with Daemon(cfg, work / "d.log").start(wait_mounts=[mnt]) as d:
+        done = mnt / "lib" / "json" / "decoder.py"
+        done.write_bytes(b"A = 1\n")
+        pending = open(mnt / "lib" / "json" / "encoder.py", "wb")
+        pending.write(b"B = 2\n")
+        pending.flush()  # written to the daemon, not yet released (no close)
+        aysctl("restart", "--socket", str(work / "st" / "aysfsd.sock"))
+        assert "resuming the FUSE session" in d.log()
+        assert r.hget(f"debug:files:{NAME}", md5(b"B = 2\n")) == b"B = 2\n"
+        assert done.read_bytes() == b"A = 1\n"
+        assert (mnt / "lib" / "json" / "encoder.py").read_bytes() == b"B = 2\n"
+        assert (mnt / "lib" / "json" / "scanner.py").read_bytes() == (src / "lib" / "json" / "scanner.py").read_bytes()
+        with pytest.raises(OSError) as e:  # the descriptor of the old process is gone
+            pending.write(b"more")
+            pending.flush()
+        assert e.value.errno == errno.EBADF
+        pending = None
