@@ -405,9 +405,10 @@ class HostTarget(Target):
         self.proc.wait()
         self.proc = None
         time.sleep(seconds(self.unit.get("RestartSec", "0.1")))
-        # systemd removes the RuntimeDirectory when the service stops, also before a restart
-        # (but cannot remove a directory with a mount point in it: the stale FUSE root stays)
-        self._remove_runtime_dir()
+        # systemd removes the RuntimeDirectory when the service stops, also before a restart, unless
+        # RuntimeDirectoryPreserve= (it cannot remove a directory with a mount point in it anyway)
+        if self.unit.get("RuntimeDirectoryPreserve", "no") == "no":
+            self._remove_runtime_dir()
         self.start()
 
     def _remove_runtime_dir(self) -> None:
@@ -523,7 +524,12 @@ class NspawnTarget(Target):
 
     def after_stop(self) -> None:
         r = self.run(["test", "-e", "/run/aysfs"])
-        R.check("systemd removed the RuntimeDirectory /run/aysfs", r.returncode != 0)
+        if r.returncode == 0:  # RuntimeDirectoryPreserve=yes: it stays, and nothing may be mounted in it
+            left = [m for m in aysfs_mounts(self.mountinfo()) if m.startswith("/run/aysfs/")]
+            R.check("the RuntimeDirectory /run/aysfs is kept (RuntimeDirectoryPreserve=yes), nothing mounted in it",
+                    not left, str(left))
+        else:
+            R.check("systemd removed the RuntimeDirectory /run/aysfs", True)
 
     def journal(self) -> str:
         return self.run(["journalctl", "-u", "aysfsd", "--no-pager", "-o", "short-monotonic"]).stdout
