@@ -76,7 +76,7 @@ test-installed: deb
 # make test-debian   the test suite on Debian 12's own python3-* libraries (older pyfuse3, trio, httpx,
 #                    redis, paramiko than PyPI's), in a venv that sees only Debian's packages
 DEBIAN_PY_PKGS := python3-pyfuse3 python3-trio python3-lmdb python3-httpx python3-paramiko python3-redis \
-	python3-systemd python3-rich python3-cryptography python3-pytest python3-pytest-timeout \
+	python3-systemd python3-rich python3-cryptography python3-prometheus-client python3-pytest python3-pytest-timeout \
 	python3-hypothesis python3-venv python3-setuptools
 test-debian: deps
 	@missing=$$(for p in $(DEBIAN_PY_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

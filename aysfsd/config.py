@@ -98,6 +98,7 @@ class MainConfig:
     fetch_timeout: float = 30.0
     log_level: str = "info"
     trusted_keys: tuple[str, ...] = ()  # refs must be signed by one of these (none: unsigned accepted)
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus /metrics endpoint ("" = off)
 
 
 @dataclass(frozen=True)
@@ -423,7 +424,19 @@ class _Table:
 
 
 _MAIN_KEYS = ("id", "cache_dir", "cache_size", "control_socket", "fuse_root", "fetch_timeout", "log_level",
-              "trusted_keys")
+              "trusted_keys", "metrics_listen")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [ADDR]:PORT) -> (host, port); ValueError when it is not one."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("write an IPv6 address in brackets, e.g. [::1]:9477")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9477")
+    return host, int(port)
 _STOR_KEYS = ("url", "cache.expiration", "timeout", "proxy", "ssh.key", "ssh.known_hosts", "ssh.accept_unknown_host")
 _CACHE_KEYS = ("mnt", "timeout", "proxy", "writable")
 _AYS_KEYS = ("id", "mnt", "name", "cache.local", "cache.grid", "prefetch.cache.local", "prefetch.cache.grid", "debug",
@@ -454,12 +467,19 @@ def _main(t: _Table) -> MainConfig:
         t.err("log_level", f"unknown level {level!r}",
               (f"did you mean {close[0]}? " if close else "") + f"use one of {', '.join(LOG_LEVELS)}")
         level = d.log_level
+    listen = t.string("metrics_listen", d.metrics_listen)
+    if listen:
+        try:
+            parse_listen(listen)
+        except ValueError as e:
+            t.err("metrics_listen", f"{listen!r} is not an address to listen on", str(e))
+            listen = d.metrics_listen
     return MainConfig(
         id=ident or socket.gethostname(), cache_dir=t.abs_path("cache_dir", d.cache_dir), cache_size=size,
         control_socket=t.abs_path("control_socket", d.control_socket),
         fuse_root=t.abs_path("fuse_root", d.fuse_root),
         fetch_timeout=t.seconds("fetch_timeout", d.fetch_timeout), log_level=level.lower(),
-        trusted_keys=_trusted_keys(t) or (),
+        trusted_keys=_trusted_keys(t) or (), metrics_listen=listen,
     )
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import __version__, handover, notify, sysmount
+from . import __version__, fuseguard, handover, notify, sysmount
 from .cache import LocalCache
 from .config import AysConfig, Config, ConfigError, load
 from .control import ControlServer
@@ -33,6 +33,7 @@ from .debug import DebugOverlay
 from .debugstore import DebugStoreError
 from .fs import MountPoint, Operations
 from .layout import ref_path
+from .metrics import MetricsEndpoint
 from .ref import Ref, RefError, decode_ref, verify
 from .statejournal import Restored, StateJournal, restore
 from .stores import StoreError, open_store
@@ -49,6 +50,7 @@ READ_AHEAD_KB = 4096  # one chunk: sequential reads come in large requests
 class DaemonStatus:
     config_error: str = ""
     reloads: int = 0
+    reload_failures: int = 0
     last_reload: float = 0.0
 
 
@@ -92,6 +94,7 @@ class Daemon:
         self._adopted: Restored | None = None  # the state a previous process handed over
         self._fuse_fd = -1
         self._fuse_done = trio.Event()
+        self.metrics = MetricsEndpoint(self.status_dict)
 
     # -- refs ---------------------------------------------------------------------------------
 
@@ -283,6 +286,7 @@ class Daemon:
                 await s.store.aclose()
                 await trio.to_thread.run_sync(s.store.close)
         self.fetcher.timeout = new.main.fetch_timeout
+        await self.metrics.configure(new.main.metrics_listen)
         old_cfg, self.cfg = self.cfg, new
         wanted = {a.name: a for a in new.ays}
         debug_changed = new.debug != old_cfg.debug
@@ -309,6 +313,7 @@ class Daemon:
                     new = await trio.to_thread.run_sync(load, self.config_path)
                 except ConfigError as e:
                     self.status.config_error = str(e)
+                    self.status.reload_failures += 1
                     log.error("reload refused, keeping the running config:\n%s", e)
                     return False, str(e)
                 self.status.config_error = ""
@@ -330,14 +335,17 @@ class Daemon:
                 "name": mp.name, "id": mp.cfg.id, "mnt": mp.cfg.mnt, "state": mp.state, "error": mp.error,
                 "root": mp.ref.root if mp.ref else None, "revision": mp.ref.revision if mp.ref else None,
                 "debug": mp.cfg.debug, "hits": mp.hits, "misses": mp.misses, "bytes_read": mp.bytes_read,
-                "bytes_by_tier": dict(mp.bytes_by_tier),
+                "bytes_by_tier": dict(mp.bytes_by_tier), "blobs_by_tier": dict(mp.bytes_by_tier.blobs),
+                "eio": dict(mp.eio),
                 "prefetch": pf.public() if pf is not None else None,
             })
         return {
             "daemon": {"pid": os.getpid(), "version": __version__, "uptime": round(time.time() - self.started, 3),
                        "started": self.started, "resumed_session": self._adopted is not None,
                        "config": self.config_path, "config_error": self.status.config_error,
-                       "reloads": self.status.reloads, "status": self.status_line()},
+                       "reloads": self.status.reloads, "reload_failures": self.status.reload_failures,
+                       "internal_errors": fuseguard.unexpected_errors, "metrics": self.metrics.public(),
+                       "status": self.status_line()},
             "cache": {"dir": self.cache.path, "entries": c.entries, "bytes": c.bytes, "limit": c.limit,
                       "hits": k.hits, "misses": k.misses, "memory_hits": k.memory_hits,
                       "evicted_blobs": c.evicted_blobs, "evicted_bytes": c.evicted_bytes,
@@ -346,7 +354,9 @@ class Daemon:
                       "packs": k.packs, "pack_members": k.pack_members,
                       "tree_packs": k.tree_packs},
             "sources": [{"url": s.name, "tier": s.tier, "down": s.is_down(), "failures": s.failures,
-                         "fetched_blobs": s.fetched_blobs, "fetched_bytes": s.fetched_bytes, "corrupt": s.corrupt}
+                         "fetched_blobs": s.fetched_blobs, "fetched_bytes": s.fetched_bytes, "corrupt": s.corrupt,
+                         "requests": s.requests, "request_errors": s.request_errors, "not_found": s.not_found,
+                         "latency": s.latency.public()}
                         for s in self.fetcher.grid + self.fetcher.stors],
             "mounts": mounts,
         }
@@ -420,6 +430,8 @@ class Daemon:
             s += "; errors: " + "; ".join(bad)
         if self.status.config_error:
             s += "; config error (running the previous config)"
+        if self.metrics.error:
+            s += f"; {self.metrics.error}"
         return s[:400]
 
     # -- main loop ----------------------------------------------------------------------------
@@ -559,6 +571,7 @@ class Daemon:
                     handover.ask_resend(self._fuse_fd)  # what a killed process had read, unanswered
                 n.start_soon(self._signals)
                 await n.start(ControlServer(self, self.cfg.main.control_socket).serve)
+                await self.metrics.configure(self.cfg.main.metrics_listen)
                 async with trio.open_nursery() as starting:  # concurrently: READY does not wait on each in turn
                     for a in self.cfg.ays:
                         if self._adopted is not None and a.name in self._adopted.mounts:
@@ -594,6 +607,8 @@ class Daemon:
                 sysmount.cleanup_stale([self.fuse_root])
                 if handover.fd_store_available():
                     handover.forget_stored()
+            with trio.CancelScope(shield=True):
+                await self.metrics.close()
             for s in self.fetcher.grid + self.fetcher.stors:
                 with trio.CancelScope(shield=True):
                     await s.store.aclose()

@@ -221,9 +221,13 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 await self._load_top(node.entry.hash, node.mount.cfg.cache_grid)
             return await self.load_dir(node.entry.hash, grid=node.mount.cfg.cache_grid)
         except FetchError as e:
+            node.mount.count_eio(e.cause)
             log.error("mount %s: directory unavailable: %s", node.mount.name, e,
                       extra={"AYSFS_MOUNT": node.mount.name, "AYS_ID": node.mount.cfg.id})
             raise pyfuse3.FUSEError(errno.EIO) from None
+        except pyfuse3.FUSEError:  # an invalid directory object
+            node.mount.count_eio("bad_tree")
+            raise
 
     def _child(self, parent: Node, entry: Entry, dbg: PathState | None = None,
                tree_entry: Entry | None = None) -> Node:
@@ -462,6 +466,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
             if data is not None:
                 return data[off:off + size]
             if of.node.tree_entry is None:
+                of.node.mount.count_eio("debug_store")
                 raise pyfuse3.FUSEError(errno.EIO)
             of.entry, of.dbg = of.node.tree_entry, None  # redis down: the published version
         return await self._read_tree(of, off, size)
@@ -488,10 +493,12 @@ class Operations(DebugWrites, pyfuse3.Operations):
                     blob = await self.fetcher.get(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
                                                   account=mp.bytes_by_tier)
                 except FetchError as err:
+                    mp.count_eio(err.cause)
                     log.error("mount %s: read of %r failed: %s", mp.name, e.name, err,
                               extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id, "BLOB": h})
                     raise pyfuse3.FUSEError(errno.EIO) from None
                 if len(blob) != csize:
+                    mp.count_eio("bad_tree")
                     log.error("mount %s: blob %s is %d bytes, tree says %d", mp.name, h, len(blob), csize,
                               extra={"AYSFS_MOUNT": mp.name, "BLOB": h})
                     raise pyfuse3.FUSEError(errno.EIO)

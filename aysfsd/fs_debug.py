@@ -93,6 +93,7 @@ class DebugWrites:
             data = await self._debug_content(node, node.dbg)
             if data is not None:
                 return data
+            node.mount.count_eio("debug_store")
             raise pyfuse3.FUSEError(errno.EIO)
         size = node.entry.size
         if size > MAX_DEBUG_FILE:
@@ -129,6 +130,7 @@ class DebugWrites:
         except DebugStoreError as e:
             log.error("debug: write of %s failed, the change is NOT saved: %s", node.path, e,
                       extra={"AYSFS_MOUNT": node.mount.name, "AYS_ID": node.mount.cfg.id})
+            node.mount.count_eio("debug_store")
             raise pyfuse3.FUSEError(errno.EIO) from None
         of.dirty = False
         of.dbg = st
@@ -225,6 +227,7 @@ class DebugWrites:
             await ov.remove(path)
         except DebugStoreError as e:
             log.error("debug: removal of %s failed: %s", path, e, extra={"AYSFS_MOUNT": parent.mount.name})
+            parent.mount.count_eio("debug_store")
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     @guarded
@@ -283,6 +286,7 @@ class DebugWrites:
             await ov.remove(old)
         except DebugStoreError as e:
             log.error("debug: rename %s -> %s failed: %s", old, new, e, extra={"AYSFS_MOUNT": po.mount.name})
+            po.mount.count_eio("debug_store")
             raise pyfuse3.FUSEError(errno.EIO) from None
         # the kernel moves the inode to the new name: so do we
         if po.children is not None:

@@ -15,6 +15,7 @@ import trio
 log = logging.getLogger("aysfsd.fs")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+unexpected_errors = 0  # EIO answers to unexpected exceptions (metrics: cause "internal")
 
 
 def guarded(fn: F) -> F:
@@ -29,6 +30,8 @@ def guarded(fn: F) -> F:
         except trio.Cancelled:
             raise
         except Exception:
+            global unexpected_errors
+            unexpected_errors += 1
             log.exception("unexpected error in %s%r", fn.__name__, args[1:])
             raise pyfuse3.FUSEError(errno.EIO) from None
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from .config import AysConfig
 from .debugstore import PathState
 from .ref import Ref
+from .tiers.counters import Account
 from .tree import KIND_DIR, Entry
 
 if TYPE_CHECKING:
@@ -29,13 +30,19 @@ class MountPoint:
     hits: int = 0
     misses: int = 0
     bytes_read: int = 0
-    bytes_by_tier: dict[str, int] = field(default_factory=lambda: {"local": 0, "grid": 0, "stor": 0})
+    bytes_by_tier: Account = field(default_factory=Account)  # and the downloads by tier (.blobs)
+    eio: dict[str, int] = field(default_factory=dict)  # EIO answers by cause (see count_eio)
     prefetch: Progress | None = None  # the last prefetch of this mount
     overlay: DebugOverlay | None = None  # debug mode
 
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    def count_eio(self, cause: str) -> None:
+        """One EIO answered to a reader of this mount: timeout, unavailable, corrupt (every copy
+        found was), bad_tree (a directory object or blob that contradicts the tree)."""
+        self.eio[cause] = self.eio.get(cause, 0) + 1
 
     def top_entry(self) -> Entry:
         mtime = int((self.ref.time if self.ref else self.since) * 1e9)

@@ -12,7 +12,7 @@ import time
 import trio
 
 from ..cache import LocalCache
-from .counters import Counters
+from .counters import Account, Counters
 from .flight import FetchError, Flight, Foreground
 from .keep import Keeper
 from .memory import MEMORY_BUDGET, MemoryLRU
@@ -157,7 +157,9 @@ class Fetcher:
                     await self.keeper.store_local(h, flight.result)
                 return flight.result
             if not flight.retry:
-                raise FetchError(flight.error)
+                f = flight.failure
+                raise FetchError(flight.error, corrupt_only=f is not None and f.corrupt_only,
+                                 timed_out=f is not None and f.timed_out)
         else:
             raise FetchError(f"blob {h}: still in flight after 3 waits")
         flight = self._inflight[h] = Flight(local)
@@ -167,7 +169,7 @@ class Fetcher:
             flight.result, flight.tier = await self._fetch(h, local=local, grid=grid, account=account,
                                                            defer_local=not background, keep=keep)
         except FetchError as e:
-            flight.error = str(e)
+            flight.error, flight.failure = str(e), e
             raise
         except BaseException as e:
             flight.error = f"blob {h}: fetch interrupted ({e!r})"
@@ -194,7 +196,8 @@ class Fetcher:
             if scope.cancelled_caught:
                 problems.append(f"gave up after fetch_timeout {self.timeout:g}s")
             raise FetchError(f"blob {h} not available: " + "; ".join(problems or ["no sources configured"]),
-                             corrupt_only=bool(corrupt) and len(corrupt) == len(problems))
+                             corrupt_only=bool(corrupt) and len(corrupt) == len(problems),
+                             timed_out=scope.cancelled_caught)
         data, src = found
         log.debug("fetched %s (%d bytes) from %s in %.1f ms", h, len(data), src.name, (time.monotonic() - t0) * 1e3,
                   extra={"BLOB": h, "SOURCE": src.name})
@@ -203,6 +206,8 @@ class Fetcher:
         self.counters.bytes_by_tier[src.tier] += len(data)
         if account is not None:
             account[src.tier] += len(data)
+            if isinstance(account, Account):
+                account.blobs[src.tier] += 1
         await self.keeper.keep(h, data, src, self.grid, local=local, grid=grid, corrupt=corrupt,
                                defer_local=defer_local, memory=keep)
         return data, src.tier

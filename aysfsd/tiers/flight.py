@@ -9,9 +9,15 @@ import trio
 class FetchError(Exception):
     """A blob could not be had from any tier (missing, corrupt or unreachable everywhere)."""
 
-    def __init__(self, message: str, corrupt_only: bool = False) -> None:
+    def __init__(self, message: str, corrupt_only: bool = False, timed_out: bool = False) -> None:
         super().__init__(message)
         self.corrupt_only = corrupt_only  # every source that answered had a corrupt copy
+        self.timed_out = timed_out  # gave up after fetch_timeout
+
+    @property
+    def cause(self) -> str:
+        """What a reader's EIO is counted as (metrics): timeout, corrupt or unavailable."""
+        return "timeout" if self.timed_out else "corrupt" if self.corrupt_only else "unavailable"
 
 
 class Flight:
@@ -23,6 +29,7 @@ class Flight:
         self.result: bytes | None = None
         self.tier = ""
         self.error = ""
+        self.failure: FetchError | None = None  # how the owner's fetch failed (its cause, for waiters)
         self.retry = False  # a pack's member the pack did not deliver: fetch it alone
 
 

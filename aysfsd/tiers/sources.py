@@ -19,6 +19,7 @@ import trio
 
 from ..layout import blob_path
 from ..stores import Store, StoreError, StoreTimeout
+from .counters import Latency
 from .verify import sha256_of
 
 log = logging.getLogger("aysfsd.fetch")
@@ -40,6 +41,10 @@ class Source:
     fetched_blobs: int = 0
     fetched_bytes: int = 0
     corrupt: int = 0
+    requests: int = 0  # blob requests sent (retries and probes included)
+    request_errors: int = 0  # of them, failed (transport error, timeout, HTTP error)
+    not_found: int = 0  # of them, answered "not there"
+    latency: Latency = field(default_factory=Latency)  # of the requests that got an answer
     probing: bool = False
     probe_done: trio.Event = field(default_factory=trio.Event)  # set when a probe ends
 
@@ -101,10 +106,14 @@ async def fetch_from(src: Source, rel: str, h: str, problems: list[str], corrupt
     """The verified blob from one source, or None (reason appended to `problems`)."""
     attempt = 0
     while True:
+        src.requests += 1
+        t0 = time.monotonic()
         try:
             data = await src.store.fetch(rel)
+            src.latency.observe(time.monotonic() - t0)
             break
         except StoreError as e:
+            src.request_errors += 1
             if attempt < retries and not isinstance(e, StoreTimeout):
                 await trio.sleep(BACKOFF * 3 ** attempt)
                 attempt += 1
@@ -114,6 +123,7 @@ async def fetch_from(src: Source, rel: str, h: str, problems: list[str], corrupt
             return None
     src.mark_up()
     if data is None:
+        src.not_found += 1
         problems.append(f"{src.name}: not found")
         return None
     if await sha256_of(data) != h:
