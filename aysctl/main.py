@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aysctl import commands
+from aysctl import commands, fuser, probe
 from aysctl.client import DEFAULT_CONFIG, DEFAULT_SOCKET
 from aysctl.debugpull import cmd_debug_pull
 from aysfsd.config import ConfigError, load
@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("restart", parents=[common],
                         help="restart aysfsd in place, keeping its mounts and open files (new code after an upgrade)")
     rs.set_defaults(func=commands.cmd_restart)
+
+    pr = sub.add_parser("probe", parents=[common],
+                        help="check this node: config, FUSE, cache_dir, every stor and grid cache, the mounts "
+                             "(no daemon needed; exit 1 if something is wrong)")
+    pr.set_defaults(func=probe.cmd_probe)
+
+    fu = sub.add_parser("fuser", parents=[common],
+                        help="processes using the mounts (open files, cwd, root, exe, mmaps); exit 1 if none")
+    fu.add_argument("mount", nargs="?", metavar="MOUNT", help="only this mount (name, ays id or mountpoint)")
+    fu.set_defaults(func=fuser.cmd_fuser)
 
     cache = sub.add_parser("cache", help="local cache tools")
     cache_sub = cache.add_subparsers(dest="cache_cmd", required=True)

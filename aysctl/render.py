@@ -167,6 +167,11 @@ def daemon_line(daemon: Reply) -> Text:
     status = _str(daemon.get("status"))
     text.append(status, style="yellow" if "error" in status or status == "-" else "green")
     text.append(f", config {_str(daemon.get('config'))}, {as_int(daemon.get('reloads'))} reloads")
+    metrics = _dict(daemon.get("metrics"))
+    if isinstance(metrics.get("listen"), str) and metrics["listen"]:
+        text.append(f", metrics at http://{metrics['listen']}/metrics")
+    if isinstance(metrics.get("error"), str) and metrics["error"]:
+        text.append(f", {metrics['error']}", style="bold red")
     return text
 
 
