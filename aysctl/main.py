@@ -78,6 +78,17 @@ def _control_options() -> argparse.ArgumentParser:
     return common
 
 
+def _node_options() -> argparse.ArgumentParser:
+    """--config/--socket/--json of probe and fuser (they run without the daemon too)."""
+    opts = argparse.ArgumentParser(add_help=False)
+    opts.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                      help=f"config file to check / to take the mounts from (default {DEFAULT_CONFIG})")
+    opts.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                      help="aysfsd control socket (default: control_socket of the config)")
+    opts.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    return opts
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aysctl", description="Control aysfs: publish trees, talk to aysfsd.",
@@ -123,12 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="restart aysfsd in place, keeping its mounts and open files (new code after an upgrade)")
     rs.set_defaults(func=commands.cmd_restart)
 
-    pr = sub.add_parser("probe", parents=[common],
+    node = _node_options()
+    pr = sub.add_parser("probe", parents=[node],
                         help="check this node: config, FUSE, cache_dir, every stor and grid cache, the mounts "
                              "(no daemon needed; exit 1 if something is wrong)")
     pr.set_defaults(func=probe.cmd_probe)
 
-    fu = sub.add_parser("fuser", parents=[common],
+    fu = sub.add_parser("fuser", parents=[node],
                         help="processes using the mounts (open files, cwd, root, exe, mmaps); exit 1 if none")
     fu.add_argument("mount", nargs="?", metavar="MOUNT", help="only this mount (name, ays id or mountpoint)")
     fu.set_defaults(func=fuser.cmd_fuser)
