@@ -114,9 +114,9 @@ def test_metrics_move_by_the_right_amounts_for_each_tier(work: Path, setup: tupl
         assert f"aysfs_source_request_errors_total{{{ssrc}}}" not in moved
 
         # from the grid cache: its blob put there by hand; the stor is not asked
-        shutil.copytree(blob_of(nginx_stor.root, (tree / "b.bin").read_bytes()).parent,
-                        grid / "blobs" / blob_of(nginx_stor.root, (tree / "b.bin").read_bytes()).parent.name,
-                        dirs_exist_ok=True)
+        b_blob = blob_of(nginx_stor.root, (tree / "b.bin").read_bytes())
+        (grid / "blobs" / b_blob.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(b_blob, grid / "blobs" / b_blob.parent.name / b_blob.name)
         assert (mnt / "b.bin").read_bytes() == (tree / "b.bin").read_bytes()
         s2 = scrape(port)
         moved = delta(s1, s2)
@@ -134,14 +134,15 @@ def test_metrics_move_by_the_right_amounts_for_each_tier(work: Path, setup: tupl
             (mnt / "c.bin").read_bytes()
         s3 = scrape(port)
         moved = delta(s2, s3)
-        # one per FUSE read answered EIO (the kernel retries a failed page read once)
+        # one per FUSE read answered EIO (the kernel may send several, and retries a failed page)
         eios = d.log().count("mount m: read of 'c.bin' failed: ")
-        assert 1 <= eios <= 2
+        assert eios >= 1
         assert moved[f"aysfs_mount_eio_total{{{m(cause='unavailable')}}}"] == eios
         assert f"aysfs_mount_eio_total{{{m(cause='timeout')}}}" not in moved
-        # the first read: one request and two retries, then marked down; a second: one probe
-        assert moved[f"aysfs_source_request_errors_total{{{ssrc}}}"] == 3 + (eios - 1)
-        assert moved[f"aysfs_source_marked_down_total{{{ssrc}}}"] == eios
+        # the first fetch: one request and two retries, then marked down; each later one: one probe
+        downs = d.log().count(f"source {stor} marked down")
+        assert moved[f"aysfs_source_marked_down_total{{{ssrc}}}"] == downs >= 1
+        assert moved[f"aysfs_source_request_errors_total{{{ssrc}}}"] == 2 + downs
         assert s3[f"aysfs_source_up{{{ssrc}}}"] == 0
         nginx_stor.start()
 
