@@ -1,24 +1,10 @@
-"""Prometheus metrics: `/metrics` served from a thread, read from the daemon's own counters.
-
-Nothing is counted for Prometheus on the read path: at each scrape, the collector asks the
-trio loop for the status snapshot that `aysctl status` shows (`Daemon.status_dict`, a few
-dict look-ups, taken on the loop so it is consistent) and turns it into metric families in
-the HTTP server's thread. prometheus_client's own server (wsgiref, a thread per request)
-does the HTTP; a hung or stopped loop makes a scrape fail, never the filesystem.
-"""
+"""The metric families of one status snapshot (`Daemon.status_dict`): names, labels, help."""
 
 from __future__ import annotations
 
-import logging
-import socket
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from socketserver import ThreadingMixIn
+from collections.abc import Iterator, Mapping
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import trio
-from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,10 +12,6 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-
-from .config import parse_listen
-
-log = logging.getLogger("aysfsd.metrics")
 
 Snapshot = Mapping[str, Any]
 TIERS = ("local", "grid", "stor")
@@ -151,101 +133,3 @@ def _mounts(mounts: list[Snapshot]) -> Iterator[Metric]:
             pf_bytes.add_metric([name, "total"], pf["bytes_total"])
         pf_run.add_metric([name], 1 if pf and pf["state"] == "running" else 0)
     yield from (info, rev, up, read, tb, reads, miss, eio, pf_blobs, pf_bytes, pf_run)
-
-
-class _Collector:
-    def __init__(self, snapshot: Callable[[], Snapshot | None]) -> None:
-        self.snapshot = snapshot
-
-    def collect(self) -> Iterator[Metric]:
-        st = self.snapshot()
-        if st is not None:
-            yield from families(st)
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        pass
-
-
-class MetricsServer:
-    """`/metrics` on HOST:PORT from a thread; `snapshot` runs in that thread at each scrape."""
-
-    def __init__(self, listen: str, snapshot: Callable[[], Snapshot | None]) -> None:
-        self.listen = listen
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(snapshot))  # type: ignore[arg-type]
-        self._app = make_wsgi_app(registry)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Bind and serve; OSError (e.g. the address is taken) with the address in its message."""
-        host, port = parse_listen(self.listen)
-        server_cls = _Server6 if ":" in host else _Server
-        try:
-            self._server = make_server(host, port, self._app, server_class=server_cls, handler_class=_Quiet)
-        except OSError as e:
-            raise OSError(e.errno, f"metrics_listen {self.listen}: cannot listen: {e.strerror or e}") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="aysfsd-metrics", daemon=True)
-        self._thread.start()
-        log.info("metrics at http://%s/metrics", self.listen)
-
-    def stop(self) -> None:
-        """Blocking (up to the poll interval): call it from a worker thread."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
-class MetricsEndpoint:
-    """The daemon's side: (re)start the server when `metrics_listen` changes; a failure to
-    listen is kept in `error` (shown by `aysctl status`) and does not stop the mounts."""
-
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
-        self._snapshot = snapshot
-        self._token: trio.lowlevel.TrioToken | None = None
-        self.server: MetricsServer | None = None
-        self.error = ""
-
-    def _from_thread(self) -> Snapshot | None:
-        try:
-            return trio.from_thread.run_sync(self._snapshot, trio_token=self._token)
-        except trio.RunFinishedError:  # the daemon is stopping
-            return None
-
-    async def configure(self, listen: str) -> None:
-        if self.server is not None and self.server.listen == listen:
-            return
-        await self.close()
-        if not listen:
-            return
-        self._token = trio.lowlevel.current_trio_token()
-        server = MetricsServer(listen, self._from_thread)
-        try:
-            server.start()
-        except OSError as e:
-            self.error = str(e)
-            log.error("%s; no metrics until the address is free and the config is reloaded", e)
-            return
-        self.server = server
-
-    async def close(self) -> None:
-        self.error = ""
-        if self.server is not None:
-            server, self.server = self.server, None
-            await trio.to_thread.run_sync(server.stop)
-
-    def public(self) -> dict[str, str]:
-        return {"listen": self.server.listen if self.server else "", "error": self.error}
