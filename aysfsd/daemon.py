@@ -212,6 +212,9 @@ class Daemon:
             await mp.overlay.load()
         if not (self._adopted and mp.name in self._adopted.mounts and sysmount.is_mounted(mp.cfg.mnt)):
             if sysmount.is_mounted(mp.cfg.mnt):
+                pid = sysmount.owner(mp.cfg.mnt)
+                if pid is not None:
+                    raise RuntimeError(f"{mp.cfg.mnt} is mounted by the running aysfsd pid {pid}")
                 sysmount.cleanup_stale([mp.cfg.mnt])
             await sysmount.bind(os.path.join(self.fuse_root, mp.name), mp.cfg.mnt, read_only=not mp.cfg.debug)
         if not self._read_ahead_set:

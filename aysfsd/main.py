@@ -40,7 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log.warning("not running as root: mounting needs CAP_SYS_ADMIN")
     from .daemon import Daemon
+    from .instance import AlreadyRunning, InstanceLocks
 
+    locks = InstanceLocks()
+    try:
+        locks.acquire_all(cfg.main.cache_dir, cfg.main.control_socket, cfg.main.fuse_root)
+    except AlreadyRunning as e:
+        log.error("refusing to start: %s", e)
+        return 1
+    except OSError as e:
+        log.error("refusing to start: cannot take the lock of %s: %s", e.filename or "a lock file", e.strerror or e)
+        return 1
     try:
         daemon = Daemon(args.config, cfg)
         trio.run(daemon.run)
@@ -49,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         log.exception("aysfsd failed: %s", e)
         return 1
+    finally:
+        locks.close()  # (an exec would close them too; the next program takes them again)
     if daemon.exec_fds:  # `aysctl restart`: the same process, the new program, the same mounts
         reexec(daemon.exec_fds, argv)
     return 0

@@ -8,6 +8,8 @@ import subprocess
 
 import trio
 
+from . import instance
+
 log = logging.getLogger("aysfsd.mount")
 
 FSNAME = "aysfs"
@@ -18,18 +20,25 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
 
 
-def our_mounts() -> list[str]:
-    """Mount points of this filesystem (the session and its bind mounts), deepest first."""
-    found = []
+def _mountinfo() -> list[tuple[str, str, str, bool]]:
+    """(mount point, device, root within the filesystem, ours?) of every mount."""
+    out = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
+                fields = left.split()
                 fstype, source = (right.split() + ["", ""])[:2]
-                if fstype in ("fuse.aysfs", "fuse") and source == FSNAME:
-                    found.append(_unescape(left.split()[4]))
+                ours = fstype in ("fuse.aysfs", "fuse") and source == FSNAME
+                out.append((_unescape(fields[4]), fields[2], _unescape(fields[3]), ours))
     except OSError:
         pass
+    return out
+
+
+def our_mounts() -> list[str]:
+    """Mount points of this filesystem (the session and its bind mounts), deepest first."""
+    found = [mp for mp, _, _, ours in _mountinfo() if ours]
     return sorted(set(found), key=len, reverse=True)
 
 
@@ -46,11 +55,31 @@ def unmount_session(path: str) -> None:
         log.error("could not unmount %s: %s", path, r.stderr.strip())
 
 
+def owner(path: str) -> int | None:
+    """The pid of another live aysfsd whose FUSE session serves the mount at `path`, else None.
+
+    A bind mount shares its device with the session mounted (root "/") at that daemon's
+    fuse_root, and a live daemon holds the lock of its fuse_root (see instance.py)."""
+    info = _mountinfo()
+    devs = {dev for mp, dev, _, ours in info if ours and mp == os.path.normpath(path)}
+    for mp, dev, root, ours in info:
+        if ours and dev in devs and root == "/":
+            pid = instance.holder("fuse_root", mp)
+            if pid is not None and pid != os.getpid():
+                return pid
+    return None
+
+
 def cleanup_stale(paths: list[str]) -> list[str]:
-    """Lazily unmount leftovers of a crashed daemon at `paths` (or below them)."""
+    """Lazily unmount leftovers of a dead daemon at `paths` (or below them); a mount served by
+    another live daemon is left alone."""
     cleaned = []
     for mp in our_mounts():
         if any(mp == p or mp.startswith(p.rstrip("/") + "/") for p in paths):
+            pid = owner(mp)
+            if pid is not None:
+                log.warning("%s is served by the running aysfsd pid %d: left alone", mp, pid)
+                continue
             r = subprocess.run(["umount", "-l", mp], capture_output=True, text=True)
             if r.returncode == 0:
                 cleaned.append(mp)
