@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,23 +69,36 @@ def not_running(path: str) -> ControlError:
                         "Start it with: systemctl start aysfsd", EXIT_NOT_RUNNING)
 
 
-def _connect(sock: socket.socket, path: str) -> None:
-    try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise not_running(path) from None
-    except PermissionError:
-        raise ControlError(f"permission denied on {path}: run as root or as a member of group 'aysfs'",
-                           EXIT_PERMISSION) from None
-    except TimeoutError:
-        raise ControlError(f"timed out connecting to aysfsd on {path}") from None
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            raise not_running(path) from None
-        if e.errno in (errno.EACCES, errno.EPERM):
-            raise ControlError(f"permission denied on {path}: run as root or as a member of group 'aysfs'",
-                               EXIT_PERMISSION) from None
-        raise ControlError(f"cannot connect to aysfsd on {path}: {e.strerror or e}") from None
+RETRY_PAUSE = (0.02, 0.5)  # first and longest pause between tries while the daemon is busy
+
+
+def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+    """Connect, waiting up to `deadline` (monotonic) while the daemon's listen backlog is full
+    (a non-blocking connect on a Unix socket fails at once with EAGAIN then)."""
+    pause = RETRY_PAUSE[0]
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() + pause >= deadline:
+                raise ControlError(f"timed out connecting to aysfsd on {path}: it is busy "
+                                   "(its listen backlog stayed full)") from None
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_PAUSE[1])
+        except OSError as e:
+            raise _connect_error(e, path) from None
+
+
+def _connect_error(e: OSError, path: str) -> ControlError:
+    if isinstance(e, TimeoutError):
+        return ControlError(f"timed out connecting to aysfsd on {path}")
+    if isinstance(e, (FileNotFoundError, ConnectionRefusedError)) or e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        return not_running(path)
+    if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM):
+        return ControlError(f"permission denied on {path}: run as root or as a member of group 'aysfs'",
+                            EXIT_PERMISSION)
+    return ControlError(f"cannot connect to aysfsd on {path}: {e.strerror or e}")
 
 
 def _closed(path: str) -> ControlError:
@@ -143,9 +157,24 @@ def request(path: str, obj: dict[str, Any], timeout: float | None = 30.0) -> Ite
     data = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
     if len(data) > MAX_REQUEST:
         raise ControlError(f"request too large ({len(data)} bytes, at most {MAX_REQUEST})", EXIT_USAGE)
+    deadline = time.monotonic() + (CONNECT_TIMEOUT if timeout is None else timeout)
+    pause = RETRY_PAUSE[0]
+    while True:
+        try:
+            yield from _request_once(path, data, timeout, deadline)
+            return
+        except ControlError as e:
+            # "busy": refused before anything else was sent, so trying again is safe
+            if e.code != "busy" or time.monotonic() + pause >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, RETRY_PAUSE[1])
+
+
+def _request_once(path: str, data: bytes, timeout: float | None, deadline: float) -> Iterator[Reply]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(CONNECT_TIMEOUT if timeout is None else timeout)
-        _connect(sock, path)
+        _connect(sock, path, deadline)
         try:
             sock.sendall(data)
         except TimeoutError:

@@ -8,6 +8,12 @@ Commands: status, reload, cache.purge, prefetch, log.tail (see the README).
 Access: the socket is created mode 0660, group `aysfs` (0600 when that group does not
 exist), before it listens. SO_PEERCRED then decides per request: root and members of
 `aysfs` may run everything; anyone else who can connect gets status only.
+
+Slots: privileged peers (root, group `aysfs`) have MAX_CLIENTS connections of their own;
+other peers share MAX_UNPRIVILEGED, at most MAX_PER_UID per uid, must send their request
+within UNPRIVILEGED_TIMEOUT and are done within UNPRIVILEGED_DEADLINE. So idle connections
+of other users can never lock root out. A peer over its limit gets `"code": "busy"`, and
+aysctl tries again until its own timeout.
 """
 
 from __future__ import annotations
@@ -15,27 +21,49 @@ from __future__ import annotations
 import grp
 import json
 import logging
+import math
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import trio
 
 from . import logsetup
+from .cache import LocalCache
 from .debugstore import DebugStoreError
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .fetch import Fetcher
+from .fs import MountPoint, Operations
 
 log = logging.getLogger("aysfsd.control")
 
 MAX_REQUEST = 64 * 1024
-REQUEST_TIMEOUT = 10.0
-MAX_CLIENTS = 64
+REQUEST_TIMEOUT = 10.0  # a privileged peer must send its request within this
+MAX_CLIENTS = 64  # connections of privileged peers at once
+MAX_UNPRIVILEGED = 16  # connections of all other peers at once
+MAX_PER_UID = 4  # ... and of one such uid
+UNPRIVILEGED_TIMEOUT = 2.0  # an unprivileged peer must send its request within this
+UNPRIVILEGED_DEADLINE = 5.0  # ... and is disconnected after this (status takes milliseconds)
+BACKLOG = 128
 GROUP = "aysfs"
 READ_ONLY = {"status"}
+
+
+class DaemonAPI(Protocol):
+    """What the control server needs of the daemon (daemon.Daemon implements it)."""
+
+    ops: Operations
+    cache: LocalCache
+    fetcher: Fetcher
+
+    def status_dict(self) -> dict[str, object]: ...
+
+    async def reload(self) -> tuple[bool, str]: ...
+
+    async def purge_mount(self, mp: MountPoint) -> tuple[int, int]: ...
+
+    def debug_log(self, mount: str | None, lines: int, follow: bool) -> AsyncIterator[dict[str, object]]: ...
 
 
 class Refused(Exception):
@@ -91,15 +119,16 @@ def make_socket(path: str) -> trio.socket.SocketType:
     if gid >= 0:
         os.chown(path, 0 if os.geteuid() == 0 else -1, gid)
     os.chmod(path, mode)
-    sock.listen(MAX_CLIENTS)
+    sock.listen(BACKLOG)
     return sock
 
 
 class ControlServer:
-    def __init__(self, daemon: Daemon, path: str) -> None:
+    def __init__(self, daemon: DaemonAPI, path: str) -> None:
         self.daemon = daemon
         self.path = path
-        self.clients = trio.CapacityLimiter(MAX_CLIENTS)
+        self.privileged = 0  # open connections of privileged peers
+        self.unprivileged: dict[int, int] = {}  # uid -> open connections of other peers
         self.handlers: dict[str, Callable[[dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]],
                                           Awaitable[dict[str, Any]]]] = {
             "status": self.status,
@@ -127,29 +156,63 @@ class ControlServer:
             except OSError:
                 pass
 
+    def _admit(self, uid: int, priv: bool) -> str:
+        """Take a slot for a new connection; "" when admitted, else why not."""
+        if priv:
+            if self.privileged >= MAX_CLIENTS:
+                return f"too many clients ({MAX_CLIENTS} connections of privileged users are open)"
+            self.privileged += 1
+            return ""
+        if sum(self.unprivileged.values()) >= MAX_UNPRIVILEGED:
+            return f"too many clients ({MAX_UNPRIVILEGED} connections of unprivileged users are open)"
+        if self.unprivileged.get(uid, 0) >= MAX_PER_UID:
+            return f"too many clients (uid {uid} has {MAX_PER_UID} connections open)"
+        self.unprivileged[uid] = self.unprivileged.get(uid, 0) + 1
+        return ""
+
+    def _release(self, uid: int, priv: bool) -> None:
+        if priv:
+            self.privileged -= 1
+        elif self.unprivileged.get(uid, 0) <= 1:
+            self.unprivileged.pop(uid, None)
+        else:
+            self.unprivileged[uid] -= 1
+
     async def _client(self, stream: trio.SocketStream) -> None:
         async with stream:
-            if self.clients.available_tokens == 0:
-                await self._send(stream, {"ok": False, "code": "failed", "error": "too many clients"})
+            try:
+                pid, uid, gid = peer_cred(stream.socket)
+            except OSError:
                 return
-            async with self.clients:
-                try:
-                    await self._handle(stream)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                except Exception as e:
-                    log.exception("control request failed")
+            priv = privileged(pid, uid, gid)
+            refused = self._admit(uid, priv)
+            if refused:
+                with trio.move_on_after(1):
                     try:
-                        await self._send(stream, {"ok": False, "code": "failed", "error": f"internal error: {e}"})
-                    except Exception:
+                        await self._send(stream, {"ok": False, "code": "busy", "error": refused})
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
+                return
+            try:
+                with trio.move_on_after(math.inf if priv else UNPRIVILEGED_DEADLINE):
+                    await self._handle(stream, pid, uid, gid, priv)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except Exception as e:
+                log.exception("control request failed")
+                try:
+                    await self._send(stream, {"ok": False, "code": "failed", "error": f"internal error: {e}"})
+                except Exception:
+                    pass
+            finally:
+                self._release(uid, priv)
 
     async def _send(self, stream: trio.SocketStream, obj: dict[str, Any]) -> None:
         await stream.send_all(json.dumps(obj, default=str).encode() + b"\n")
 
-    async def _read_request(self, stream: trio.SocketStream) -> dict[str, Any]:
+    async def _read_request(self, stream: trio.SocketStream, timeout: float) -> dict[str, Any]:
         buf = b""
-        with trio.move_on_after(REQUEST_TIMEOUT) as scope:
+        with trio.move_on_after(timeout) as scope:
             while b"\n" not in buf:
                 chunk = await stream.receive_some(MAX_REQUEST + 1)
                 if not chunk:
@@ -158,7 +221,7 @@ class ControlServer:
                 if len(buf) > MAX_REQUEST:
                     raise Refused("bad-request", f"request larger than {MAX_REQUEST} bytes")
         if scope.cancelled_caught:
-            raise Refused("bad-request", f"no complete request within {REQUEST_TIMEOUT:g}s")
+            raise Refused("bad-request", f"no complete request within {timeout:g}s")
         line = buf.split(b"\n", 1)[0]
         try:
             req = json.loads(line)
@@ -168,15 +231,14 @@ class ControlServer:
             raise Refused("bad-request", 'a request is a JSON object with a "cmd" string')
         return req
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, pid: int, uid: int, gid: int, priv: bool) -> None:
         try:
-            req = await self._read_request(stream)
+            req = await self._read_request(stream, REQUEST_TIMEOUT if priv else UNPRIVILEGED_TIMEOUT)
             cmd = req["cmd"]
             handler = self.handlers.get(cmd)
             if handler is None:
                 raise Refused("bad-request", f"unknown command {cmd!r:.40}; known: {', '.join(self.handlers)}")
-            pid, uid, gid = peer_cred(stream.socket)
-            if cmd not in READ_ONLY and not privileged(pid, uid, gid):
+            if cmd not in READ_ONLY and not priv:
                 raise Refused("permission", f"permission denied: {cmd} needs root or group {GROUP!r} (uid {uid})")
 
             async def event(obj: dict[str, Any]) -> None:
@@ -189,7 +251,7 @@ class ControlServer:
 
     # -- commands -----------------------------------------------------------------------------
 
-    def _mount(self, req: dict[str, Any]) -> Any:
+    def _mount(self, req: dict[str, Any]) -> MountPoint:
         key = req.get("ays")
         if not isinstance(key, str) or not key:
             raise Refused("bad-request", '"ays" (an ays id or mount name) is required')

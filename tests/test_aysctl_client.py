@@ -291,6 +291,66 @@ def test_read_timeout(daemon: FakeDaemon) -> None:
     assert exc.value.exit_code == 1 and time.monotonic() - t0 < 1.5
 
 
+def test_busy_daemon_is_tried_again_until_it_answers(daemon: FakeDaemon) -> None:
+    answers = iter([[{"ok": False, "code": "busy", "error": "too many clients"}]] * 3 + [[{"ok": True, "n": 1}]])
+    daemon.replies["status"] = lambda req: next(answers)
+    assert list(request(daemon.path, {"cmd": "status"}, timeout=10)) == [{"ok": True, "n": 1}]
+    assert len(daemon.requests) == 4
+
+
+def test_busy_daemon_until_the_timeout(daemon: FakeDaemon) -> None:
+    daemon.replies["status"] = [{"ok": False, "code": "busy", "error": "too many clients (uid 7 has 4 open)"}]
+    with pytest.raises(ControlError, match="too many clients") as exc:
+        list(request(daemon.path, {"cmd": "status"}, timeout=1.0))
+    assert exc.value.exit_code == 1 and 3 <= len(daemon.requests) <= 20
+
+
+def test_full_backlog_waits_for_the_daemon() -> None:
+    """A Unix socket whose listen backlog is full makes connect() fail with EAGAIN at once;
+    aysctl waits (up to its timeout) for the daemon to accept instead of failing."""
+    d = tempfile.mkdtemp(prefix="aysctl-", dir="/tmp")
+    path = os.path.join(d, "ctl.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    try:
+        srv.bind(path)
+        srv.listen(0)
+        for _ in range(16):  # fill the backlog: connect until the kernel says EAGAIN
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            fillers.append(c)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                break
+        else:
+            raise AssertionError("the backlog never filled")
+        accepted: list[int] = []
+
+        def serve() -> None:
+            time.sleep(0.5)
+            for _ in range(len(fillers) + 1):
+                conn, _ = srv.accept()
+                with conn:
+                    conn.settimeout(5)
+                    req = conn.makefile("rb").readline() if len(accepted) >= len(fillers) - 1 else b""
+                    accepted.append(len(req))
+                    if req:
+                        conn.sendall(b'{"ok": true, "waited": true}\n')
+                        return
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        assert client.call(path, {"cmd": "status"}, timeout=10) == {"ok": True, "waited": True}
+        t.join(10)
+        assert accepted and accepted[-1] > 0
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()
+        shutil.rmtree(d)
+
+
 def test_request_too_large(daemon: FakeDaemon) -> None:
     with pytest.raises(ControlError, match="too large") as exc:
         list(request(daemon.path, {"cmd": "prefetch", "ays": "x" * 70000}))
