@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import __version__, fuseguard, handover, notify, sysmount
+from . import __version__, fuseguard, gridrefs, handover, notify, sysmount
 from .cache import LocalCache
 from .config import AysConfig, Config, ConfigError, load
 from .control import ControlServer
@@ -81,6 +81,7 @@ class Daemon:
         self.nursery: trio.Nursery | None = None
         self.started = time.time()
         self._warned_unsigned: set[str] = set()
+        self._shared: dict[str, str] = {}  # ays id -> root of the ref last written to the grid caches
         self._read_ahead_set = False
         # the session's superblock is read-only until a debug mount needs writes: the kernel then
         # keeps file attributes across reads (on a writable one every READ marks atime stale,
@@ -98,15 +99,22 @@ class Daemon:
 
     # -- refs ---------------------------------------------------------------------------------
 
+    def _trusted(self, mp: MountPoint) -> list[str]:
+        keys = mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys
+        return list(keys)
+
     async def resolve(self, mp: MountPoint) -> Ref:
-        """The current ref of a mount's ays from the first stor that has a valid one, else the
-        last good one kept in the local cache."""
+        """The current ref of a mount's ays from the first stor that has a valid one; when no
+        stor answers, the newest validly signed one in the grid caches (only with trusted keys)
+        or else the last good one kept in the local cache."""
         ays_id = mp.cfg.id
         problems = []
+        reached = False  # some stor answered (with a ref or without one)
         for src in sorted(self.fetcher.stors, key=lambda s: s.is_down()):  # down ones last
             try:
                 with trio.fail_after(max(1.0, self.cfg.main.fetch_timeout)):
                     raw = await src.store.fetch(ref_path(ays_id))
+                reached = True
                 if raw is None:
                     problems.append(f"{src.name}: no ref")
                     continue
@@ -120,18 +128,29 @@ class Daemon:
             except (StoreError, trio.TooSlowError) as e:
                 problems.append(f"{src.name}: {e or 'timed out'}")
                 continue
-            last = self._last_good(ays_id)
-            if last is None or last.encode() != ref.encode():
-                await trio.to_thread.run_sync(self.cache.put_meta, f"ref:{ays_id}", ref.encode())
+            await self._accept(mp, ref)
             return ref
         last = self._last_good(ays_id)
-        trusted = mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys
+        trusted = self._trusted(mp)
         if last is not None and trusted:
             try:
-                verify(last, list(trusted))
+                verify(last, trusted)
             except RefError as e:
                 problems.append(f"last good version: {e}")
                 last = None
+        if not reached and self.fetcher.grid:
+            if trusted:
+                gref, why = await gridrefs.newest(ays_id, self.fetcher.grid, trusted, last,
+                                                  max(1.0, self.cfg.main.fetch_timeout))
+                problems += why
+                if gref is not None and (last is None or gref.revision > last.revision):
+                    log.warning("mount %s: no stor answered for %s (%s); using revision %d (%s) from a grid "
+                                "cache, signed by a trusted key", mp.name, ays_id, "; ".join(problems),
+                                gref.revision, gref.root[:12], extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id})
+                    await self._accept(mp, gref, share=False)
+                    return gref
+            elif last is None:
+                problems.append(gridrefs.UNTRUSTED)
         if last is not None:
             if self.fetcher.stors:
                 log.warning("mount %s: no stor answered for %s (%s); using the last good version %s",
@@ -140,11 +159,22 @@ class Daemon:
             return last
         raise LookupError("; ".join(problems) or "no stors configured")
 
+    async def _accept(self, mp: MountPoint, ref: Ref, share: bool = True) -> None:
+        """Keep an accepted ref as the last good one; a signed one (with trusted keys) also goes
+        to the writable grid caches, once per version and run, in the background."""
+        last = self._last_good(ref.ays)
+        if last is None or last.encode() != ref.encode():
+            await trio.to_thread.run_sync(self.cache.put_meta, f"ref:{ref.ays}", ref.encode())
+        if (share and ref.signed and self._trusted(mp) and mp.cfg.cache_grid and self.nursery is not None
+                and self._shared.get(ref.ays) != ref.root and any(s.writable for s in self.fetcher.grid)):
+            self._shared[ref.ays] = ref.root
+            self.nursery.start_soon(gridrefs.share, ref, list(self.fetcher.grid), max(1.0, self.cfg.main.fetch_timeout))
+
     def _check_trust(self, mp: MountPoint, ref: Ref) -> None:
         """Signature (when keys are configured) and rollback checks; RefError when refused."""
-        trusted = mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys
+        trusted = self._trusted(mp)
         if trusted:
-            verify(ref, list(trusted))
+            verify(ref, trusted)
         elif mp.name not in self._warned_unsigned:
             self._warned_unsigned.add(mp.name)
             log.warning("mount %s: no trusted_keys configured: %s is authenticated only by its hashes, "
