@@ -185,6 +185,12 @@ def cache_line(cache: Reply) -> Text:
         f"{as_int(cache.get('pack_members'))} blobs from {as_int(cache.get('packs'))} packs "
         f"({as_int(cache.get('tree_packs'))} tree packs), "
         f"evicted {as_int(cache.get('evicted_blobs'))} blobs ({human_bytes(cache.get('evicted_bytes', 0))})")
+    if as_int(cache.get("fs_size")) > 0:
+        text.append(f", {human_bytes(cache.get('fs_free', 0))} free on its filesystem "
+                    f"(keeps {human_bytes(cache.get('min_free', 0))})")
+    state = cache.get("state")
+    if isinstance(state, str) and state != "ok":
+        text.append(f"\ncache state {state}: {_str(cache.get('reason'))}", style="bold red")
     return text
 
 
@@ -226,7 +232,8 @@ def status_plain(st: Reply) -> list[str]:
             str(rev) if isinstance(rev, int) and not isinstance(rev, bool) else "-",
             str(as_int(m.get("hits"))), str(as_int(m.get("misses"))), _one_line(_str(m.get("error"))),
         ]))
-    lines.append(f"cache\t{as_int(cache.get('bytes'))}\t{as_int(cache.get('limit'))}\t{as_int(cache.get('entries'))}")
+    lines.append(f"cache\t{as_int(cache.get('bytes'))}\t{as_int(cache.get('limit'))}\t{as_int(cache.get('entries'))}"
+                 f"\t{_str(cache.get('state'))}\t{_one_line(_str(cache.get('reason')))}")
     for s in _dicts(st.get("sources")):
         lines.append(f"source\t{_one_line(_str(s.get('url')))}\t{_str(s.get('tier'))}\t"
                      f"{'down' if s.get('down') is True else 'up'}")

@@ -89,10 +89,37 @@ def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
 
 
 @dataclass(frozen=True)
+class MinFree:
+    """`cache_min_free`: a share of the cache's filesystem ("5%") or bytes ("2GiB") kept free."""
+
+    percent: float = 5.0
+    size: int = 0  # used when percent is 0
+
+    def bytes_of(self, total: int) -> int:
+        """Bytes to keep free on a filesystem of `total` bytes."""
+        return int(total * self.percent / 100) if self.percent else self.size
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent else str(self.size)
+
+
+def parse_min_free(value: str) -> MinFree:
+    """ "5%" (0 to 90) or a size ("2GiB", see parse_size)."""
+    v = value.strip()
+    if v.endswith("%"):
+        pct = float(Decimal(v[:-1].strip()))
+        if not 0 <= pct <= 90:
+            raise ValueError(f"{value!r}: a share between 0% and 90%")
+        return MinFree(pct, 0)
+    return MinFree(0.0, parse_size(v))
+
+
+@dataclass(frozen=True)
 class MainConfig:
     id: str = field(default_factory=socket.gethostname)
     cache_dir: str = "/var/cache/aysfs"
     cache_size: int = 10 * GiB
+    cache_min_free: MinFree = MinFree()
     control_socket: str = "/run/aysfs/aysfsd.sock"
     fuse_root: str = "/run/aysfs/root"
     fetch_timeout: float = 30.0
@@ -423,8 +450,8 @@ class _Table:
         return v
 
 
-_MAIN_KEYS = ("id", "cache_dir", "cache_size", "control_socket", "fuse_root", "fetch_timeout", "log_level",
-              "trusted_keys", "metrics_listen")
+_MAIN_KEYS = ("id", "cache_dir", "cache_size", "cache_min_free", "control_socket", "fuse_root", "fetch_timeout",
+              "log_level", "trusted_keys", "metrics_listen")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -461,6 +488,15 @@ def _main(t: _Table) -> MainConfig:
     if size <= 0:
         t.err("cache_size", "must be greater than 0", 'use e.g. cache_size = "10GiB"')
         size = d.cache_size
+    min_free, raw = d.cache_min_free, t.values.get("cache_min_free")
+    if raw is not None:
+        try:
+            if not isinstance(raw, str):
+                raise ValueError
+            min_free = parse_min_free(raw)
+        except (ValueError, ArithmeticError):
+            t.err("cache_min_free", f"{_show(raw)} is not a share or a size",
+                  'write a share of the filesystem, e.g. "5%" (0% to 90%), or a size, e.g. "2GiB"')
     level = t.string("log_level", d.log_level)
     if level.lower() not in LOG_LEVELS:
         close = difflib.get_close_matches(level.lower(), LOG_LEVELS, n=1)
@@ -476,6 +512,7 @@ def _main(t: _Table) -> MainConfig:
             listen = d.metrics_listen
     return MainConfig(
         id=ident or socket.gethostname(), cache_dir=t.abs_path("cache_dir", d.cache_dir), cache_size=size,
+        cache_min_free=min_free,
         control_socket=t.abs_path("control_socket", d.control_socket),
         fuse_root=t.abs_path("fuse_root", d.fuse_root),
         fetch_timeout=t.seconds("fetch_timeout", d.fetch_timeout), log_level=level.lower(),
@@ -673,6 +710,6 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 __all__ = [
-    "AysConfig", "Config", "ConfigError", "DebugConfig", "GridCacheConfig", "MainConfig", "StorConfig",
-    "default_name", "load", "parse", "parse_size",
+    "AysConfig", "Config", "ConfigError", "DebugConfig", "GridCacheConfig", "MainConfig", "MinFree", "StorConfig",
+    "default_name", "load", "parse", "parse_min_free", "parse_size",
 ]

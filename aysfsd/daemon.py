@@ -69,7 +69,8 @@ class Daemon:
         self.config_path = config_path
         self.cfg = cfg
         self.status = DaemonStatus()
-        self.cache = LocalCache(os.path.join(cfg.main.cache_dir, "lmdb"), cfg.main.cache_size)
+        self.cache = LocalCache(os.path.join(cfg.main.cache_dir, "lmdb"), cfg.main.cache_size,
+                                min_free=cfg.main.cache_min_free.bytes_of)
         grid, stors = _sources(cfg)
         self.fetcher = Fetcher(self.cache, grid, stors, timeout=cfg.main.fetch_timeout)
         self.ops = Operations(self.fetcher, self.cache)
@@ -320,6 +321,7 @@ class Daemon:
                 await trio.to_thread.run_sync(s.store.close)
         self.fetcher.timeout = new.main.fetch_timeout
         await self.metrics.configure(new.main.metrics_listen)
+        self.cache.min_free = new.main.cache_min_free.bytes_of
         old_cfg, self.cfg = self.cfg, new
         wanted = {a.name: a for a in new.ays}
         debug_changed = new.debug != old_cfg.debug
@@ -361,6 +363,10 @@ class Daemon:
     def status_dict(self) -> dict[str, object]:
         c = self.cache.stats()
         k = self.fetcher.counters
+        try:
+            fs_free, fs_size, min_free = self.cache.disk()
+        except OSError:
+            fs_free = fs_size = min_free = -1
         mounts = []
         for mp in sorted(self.ops.mounts.values(), key=lambda m: m.name):
             pf = mp.prefetch
@@ -379,7 +385,9 @@ class Daemon:
                        "reloads": self.status.reloads, "reload_failures": self.status.reload_failures,
                        "internal_errors": fuseguard.unexpected_errors, "metrics": self.metrics.public(),
                        "status": self.status_line()},
-            "cache": {"dir": self.cache.path, "entries": c.entries, "bytes": c.bytes, "limit": c.limit,
+            "cache": {"dir": self.cache.path, "state": self.cache.state, "reason": self.cache.state_reason,
+                      "fs_free": fs_free, "fs_size": fs_size, "min_free": min_free,
+                      "entries": c.entries, "bytes": c.bytes, "limit": c.limit,
                       "hits": k.hits, "misses": k.misses, "memory_hits": k.memory_hits,
                       "evicted_blobs": c.evicted_blobs, "evicted_bytes": c.evicted_bytes,
                       "skipped_blobs": self.cache.skipped_blobs, "writebacks": k.writebacks,

@@ -123,10 +123,23 @@ def test_status_plain(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) ->
     assert out[0].startswith("#")
     assert f"jumpscale_mongodb_main\t{AYS}\t/opt/mongodb\tup\t{ROOT[:12]}\t7\t10\t2\t-" in out
     assert "web\tjumpscale|web!main\t/opt/web\terror\t-\t-\t0\t0\tref not found in any stor" in out
-    assert f"cache\t{5 * 2**20}\t{10 * 2**30}\t120" in out
+    assert f"cache\t{5 * 2**20}\t{10 * 2**30}\t120\t-\t-" in out  # state, reason: an older daemon
     assert "source\thttp://grid1:8080\tgrid\tup" in out
     assert "source\tssh://deploy@stor/srv/aysfs\tstor\tdown" in out
     assert not any("│" in line or "┃" in line for line in out)
+
+
+def test_status_cache_state(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    reason = "its filesystem has 0.2 MiB free of 16.0 MiB, less than cache_min_free (4.0 MiB)"
+    daemon.replies["status"] = [{**STATUS, "cache": {**STATUS["cache"], "state": "memory", "reason": reason,
+                                                     "fs_free": 200 * 1024, "fs_size": 16 * 2**20,
+                                                     "min_free": 4 * 2**20}}]
+    assert run(daemon, "status") == 0
+    assert f"cache\t{5 * 2**20}\t{10 * 2**30}\t120\tmemory\t{reason}" in capsys.readouterr().out.splitlines()
+    console = Console(file=io.StringIO(), width=300)
+    render.print_status(console, daemon.replies["status"][0])  # type: ignore[arg-type]
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "free on its filesystem (keeps 4.0 MiB)" in text and f"cache state memory: {reason}" in text
 
 
 def test_status_json(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
