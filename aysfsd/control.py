@@ -33,8 +33,8 @@ import trio
 from . import logsetup
 from .cache import LocalCache
 from .debugstore import DebugStoreError
-from .fetch import Fetcher
 from .fs import MountPoint, Operations
+from .tiers import Fetcher
 
 log = logging.getLogger("aysfsd.control")
 

@@ -14,10 +14,10 @@ import logging
 
 import trio
 
-from .fetch import Source
 from .layout import ref_path
 from .ref import Ref, RefError, decode_ref, verify
 from .stores import StoreError
+from .tiers import Source
 
 log = logging.getLogger("aysfsd.gridrefs")
 

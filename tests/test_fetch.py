@@ -388,7 +388,7 @@ def test_pack_that_does_not_deliver_costs_requests_not_data(tmp_path: Path, cach
                 stor.fail = "error"
             f.fetch_pack(pack, members, local=True, grid=False, account=None)
             with trio.fail_after(30):  # the pack fails (retries included); a count, not a time
-                while pack in f._packs_inflight or not f._pack_bad(pack):
+                while pack in f.packs._packs_inflight or not f.packs.is_bad(pack):
                     await trio.sleep(0.05)
             stor.fail = None
             f.stors[0].mark_up()
