@@ -85,6 +85,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(line)
         if err := render.config_error(st):
             print(f"{render.CONFIG_ERROR_HEADING}:\n{err}", file=sys.stderr)
+        if note := render.upgrade_note(st):
+            print(f"aysctl: {note}", file=sys.stderr)
     return 0
 
 

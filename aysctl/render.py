@@ -202,6 +202,8 @@ def print_status(console: Console, st: Reply) -> None:
     daemon, cache = _dict(st.get("daemon")), _dict(st.get("cache"))
     mounts, sources = _dicts(st.get("mounts")), _dicts(st.get("sources"))
     console.print(daemon_line(daemon))
+    if upgrade := upgrade_note(st):
+        console.print(Text(upgrade, style="bold yellow"))
     config_error = daemon.get("config_error")
     if isinstance(config_error, str) and config_error:
         console.print(Text(CONFIG_ERROR_HEADING, style="bold red"))
@@ -238,6 +240,12 @@ def status_plain(st: Reply) -> list[str]:
         lines.append(f"source\t{_one_line(_str(s.get('url')))}\t{_str(s.get('tier'))}\t"
                      f"{'down' if s.get('down') is True else 'up'}")
     return lines
+
+
+def upgrade_note(st: Reply) -> str:
+    """What the daemon says about a different aysfs version installed than the running one."""
+    note = _dict(st.get("daemon")).get("upgrade")
+    return note if isinstance(note, str) else ""
 
 
 def config_error(st: Reply) -> str:

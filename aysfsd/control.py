@@ -57,7 +57,7 @@ class DaemonAPI(Protocol):
     cache: LocalCache
     fetcher: Fetcher
 
-    def status_dict(self) -> dict[str, object]: ...
+    async def status_report(self) -> dict[str, object]: ...
 
     async def reload(self) -> tuple[bool, str]: ...
 
@@ -264,7 +264,7 @@ class ControlServer:
         raise Refused("unknown-ays", f"no mount of {key!r}; mounts: {', '.join(sorted(mounts)) or 'none'}")
 
     async def status(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
-        return self.daemon.status_dict()
+        return await self.daemon.status_report()
 
     async def reload(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
         ok, err = await self.daemon.reload()

@@ -32,6 +32,7 @@ from .control import ControlServer
 from .debug import DebugOverlay
 from .debugstore import DebugStoreError
 from .fs import MountPoint, Operations
+from .installed import installed_version, upgrade_note
 from .layout import ref_path
 from .metrics import MetricsEndpoint
 from .ref import Ref, RefError, decode_ref, verify
@@ -359,6 +360,16 @@ class Daemon:
                 return True, ""
             finally:
                 notify.notify("READY=1", f"STATUS={self.status_line()}")
+
+    async def status_report(self) -> dict[str, object]:
+        """status_dict() plus the version installed on disk (read off the loop)."""
+        installed = await trio.to_thread.run_sync(installed_version)
+        st = self.status_dict()
+        daemon = st["daemon"]
+        assert isinstance(daemon, dict)
+        daemon["installed_version"] = installed
+        daemon["upgrade"] = upgrade_note(installed)
+        return st
 
     def status_dict(self) -> dict[str, object]:
         c = self.cache.stats()

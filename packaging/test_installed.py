@@ -17,7 +17,10 @@ the project's venv):
    invalid config, a crash (SIGKILL) and restart, then SIGTERM: no mount may remain.
 3. When a real systemd can be booted here (systemd-nspawn with a debootstrapped Debian 12,
    kept in /var/tmp/aysfs-nspawn), does the same inside it with apt-get install,
-   systemctl start/reload/stop, journalctl, a SIGKILL that Restart=on-failure recovers, and purge.
+   systemctl start/reload/stop, journalctl, a SIGKILL that Restart=on-failure recovers, an
+   upgrade to the next version (the .deb repacked as N+1) under a reader that must see no
+   error while the daemon keeps running (no restart on upgrade; aysctl status names the
+   newer version), and purge.
 4. Purges the package (apt-get purge) and checks what is gone; restores the machine.
 
 Prints one line per check and ends with "N passed, M failed"; exit status 0 when none failed.
@@ -491,6 +494,12 @@ class NspawnTarget(Target):
         return run(["nsenter", "-t", str(self.pid1), "-a", "env", "-i", *(f"{k}={v}" for k, v in BASE_ENV.items()),
                     *cmd], input=input, timeout=timeout)
 
+    def popen(self, cmd: list[str]) -> subprocess.Popen[str]:
+        """`cmd` in the container, in the background."""
+        return subprocess.Popen(["nsenter", "-t", str(self.pid1), "-a", "env", "-i",
+                                 *(f"{k}={v}" for k, v in BASE_ENV.items()), *cmd],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run(["systemctl", *args, "aysfsd.service"])
 
@@ -671,6 +680,128 @@ def scenario(t: Target, script: Path) -> None:
     r = t.run(["sh", "-c", f'rm -f "{CONF}" && cp -p "{share}/aysfs.toml.orig" "{CONF}" && cmp "{CONF}" '
                f'/dev/stdin < "{share}/aysfs.toml.orig" && test ! -L "{CONF}"'])
     R.check(f"{CONF} restored (the shipped file, not a symlink)", r.returncode == 0, out(r))
+
+
+# -- an upgrade N -> N+1 under a reader ------------------------------------------------------------
+
+def next_version_deb(deb: Path, out_dir: Path) -> tuple[Path, str, str]:
+    """A copy of `deb` as the next version: the same files with the version bumped in the
+    package, the Python distribution and aysfsd.__version__ (what an upgrade installs).
+    Returns (the .deb, its Debian version, its Python version)."""
+    tree = out_dir / "next-version"
+    r = run(["dpkg-deb", "-R", str(deb), str(tree)])
+    must(f"dpkg-deb -R {deb.name}", r.returncode == 0, out(r))
+    control = (tree / "DEBIAN" / "control").read_text()
+    m = re.search(r"^Version: (\S+)$", control, re.M)
+    must("the package has a Version", m is not None, control)
+    assert m is not None
+    site = tree / "usr/lib/python3/dist-packages"
+    infos = list(site.glob("aysfs-*.dist-info"))
+    must("the package has the aysfs dist-info", len(infos) == 1, str(infos))
+    py_old = infos[0].name[len("aysfs-"):-len(".dist-info")]
+    parts = py_old.split(".")
+    parts[-1] = str(int(parts[-1]) + 1)
+    py_new = ".".join(parts)
+    deb_new = m.group(1).replace(py_old, py_new, 1) if py_old in m.group(1) else m.group(1) + "+1"
+    (tree / "DEBIAN" / "control").write_text(control.replace(m.group(0), f"Version: {deb_new}"))
+    info = infos[0].rename(site / f"aysfs-{py_new}.dist-info")
+    meta = (info / "METADATA").read_text()
+    (info / "METADATA").write_text(re.sub(r"(?m)^Version: .*$", f"Version: {py_new}", meta, count=1))
+    init = site / "aysfsd" / "__init__.py"
+    init.write_text(init.read_text().replace(f'"{py_old}"', f'"{py_new}"'))
+    sums = []
+    for f in sorted(tree.rglob("*")):
+        rel = f.relative_to(tree)
+        if f.is_file() and not f.is_symlink() and rel.parts[0] != "DEBIAN":
+            sums.append(f"{hashlib.md5(f.read_bytes()).hexdigest()}  {rel}\n")
+    (tree / "DEBIAN" / "md5sums").write_text("".join(sums))
+    target = out_dir / f"aysfs_{deb_new}_all.deb"
+    r = run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(target)])
+    must(f"dpkg-deb -b {target.name}", r.returncode == 0, out(r))
+    shutil.rmtree(tree)
+    return target, deb_new, py_new
+
+
+def reader(mnt: Path, name: str, stop: Path) -> int:
+    """Keep `name` open and read 64 KiB of it at a moving offset, and list `mnt`, every 0.2 s
+    until `stop` exists (at most 3 minutes); print the counts and errors as JSON."""
+    counts: dict[str, Any] = {"listings": 0, "reads": 0, "errors": [], "longest_pause": 0.0}
+    with open(mnt / name, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        off = 0
+        deadline = time.monotonic() + 180
+        while not stop.exists() and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                if name not in os.listdir(mnt):
+                    counts["errors"].append(f"listing without {name}")
+                counts["listings"] += 1
+            except OSError as e:
+                counts["errors"].append(f"listdir: {e}")
+            try:
+                if len(os.pread(f.fileno(), 65536, off)) != min(65536, size - off):
+                    counts["errors"].append(f"short read at {off}")
+                counts["reads"] += 1
+            except OSError as e:
+                counts["errors"].append(f"read at {off}: {e}")
+            off = (off + 1_048_573) % size
+            counts["longest_pause"] = max(counts["longest_pause"], time.monotonic() - t0)
+            time.sleep(0.2)
+    print(json.dumps(counts))
+    return 0
+
+
+def upgrade_scenario(t: NspawnTarget, deb: Path) -> None:
+    """An upgrade to the next version under a reader: the daemon is not restarted (its pid
+    stays, the reader sees no error) and `aysctl status` names the version installed."""
+    share = t.share_in
+    stor, mnt = f"{share}/stor", f"{share}/mnt/{MOUNT_NAME}"
+    nxt, deb_new, py_new = next_version_deb(deb, t.share)
+    t.write(CONF, config_text(stor, mnt))
+    t.start()
+    up = wait_for(lambda: t.mount_state() == "up", 30, 0.5)
+    must("upgrade: the mount is up before the upgrade", bool(up), t.journal()[-2000:])
+    pid = t.main_pid()
+    old_py = (t.status() or {}).get("daemon", {}).get("version")
+    stop = f"{share}/reader.stop"
+    t.run(["rm", "-f", stop])
+    rd = t.popen(["/usr/bin/python3", f"{share}/test_installed.py", "reader", mnt, "big.bin", stop])
+    time.sleep(2)
+    r = t.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", f"{share}/{nxt.name}"], timeout=600)
+    R.check(f"apt-get install ./{nxt.name} (upgrade {old_py} -> {py_new})", r.returncode == 0, out(r)[-3000:])
+    ver = t.run(["dpkg-query", "-W", "-f=${Version}", PACKAGE]).stdout.strip()
+    R.check(f"dpkg: aysfs {deb_new} is installed", ver == deb_new, ver)
+    time.sleep(2)
+    t.run(["touch", stop])
+    try:
+        rout, rerr = rd.communicate(timeout=60)
+        counts = json.loads(rout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        rd.kill()
+        rout, rerr = rd.communicate()
+        counts = {"errors": [f"the reader did not report: {rout} {rerr}"], "listings": 0, "reads": 0}
+    R.note(f"reader through the upgrade: {counts}")
+    R.check("upgrade: aysfsd was not restarted (same MainPID, active)",
+            t.main_pid() == pid and t.systemctl("is-active").stdout.strip() == "active",
+            f"MainPID {pid} -> {t.main_pid()}\n" + t.journal()[-2000:])
+    R.check("upgrade: the reader kept its file open, read and listed with zero errors",
+            not counts["errors"] and counts["listings"] > 5 and counts["reads"] > 5, json.dumps(counts))
+    st = (t.status() or {}).get("daemon", {})
+    R.check(f"upgrade: aysctl status --json: version {old_py} running, {py_new} installed",
+            st.get("version") == old_py and st.get("installed_version") == py_new and bool(st.get("upgrade")),
+            json.dumps(st))
+    r = t.run(["aysctl", "status"])
+    R.check("upgrade: aysctl status says a newer aysfs is installed than the one running",
+            r.returncode == 0 and f"aysfs {py_new} is installed, {old_py} is running" in r.stderr, out(r))
+    r = t.systemctl("restart")
+    up = wait_for(lambda: t.mount_state() == "up", 30, 0.5)
+    st = (t.status() or {}).get("daemon", {})
+    R.check(f"after systemctl restart: {py_new} runs and the note is gone",
+            r.returncode == 0 and bool(up) and st.get("version") == py_new and not st.get("upgrade"),
+            json.dumps(st))
+    t.stop()
+    r = t.run(["sh", "-c", f'cp -p "{share}/aysfs.toml.orig" "{CONF}"'])
+    R.check(f"{CONF} restored", r.returncode == 0, out(r))
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -893,6 +1024,7 @@ def nspawn_phase(work: Path, deb: Path, script: Path, mode: str) -> None:
         R.check("journalctl -u aysfsd: nothing refused by the sandbox ('Operation not permitted')",
                 not denied, "\n".join(denied))
         R.note("journalctl -u aysfsd (last lines):\n" + "\n".join(j.splitlines()[-25:]))
+        upgrade_scenario(t, deb)
         r = t.run(["apt-get", "purge", "-y", "-q", PACKAGE], timeout=300)
         R.check("apt-get purge aysfs in the container", r.returncode == 0, out(r)[-2000:])
         r = t.run(["sh", "-c", "ls -d /etc/aysfs /var/cache/aysfs /usr/bin/aysfsd "
@@ -964,6 +1096,8 @@ def through_restarts(src: Path, mnt: Path, stop: Path) -> int:
 def main() -> int:
     if len(sys.argv) >= 2 and sys.argv[1] == "through-restarts":
         return through_restarts(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    if len(sys.argv) >= 2 and sys.argv[1] == "reader":
+        return reader(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     if len(sys.argv) >= 2 and sys.argv[1] == "verify-tree":
         problems = verify_tree(Path(sys.argv[2]), Path(sys.argv[3]))
         print("\n".join(problems) or "tree OK")
