@@ -689,7 +689,7 @@ def next_version_deb(deb: Path, out_dir: Path) -> tuple[Path, str, str]:
     package, the Python distribution and aysfsd.__version__ (what an upgrade installs).
     Returns (the .deb, its Debian version, its Python version)."""
     tree = out_dir / "next-version"
-    r = run(["dpkg-deb", "-R", str(deb), str(tree)])
+    r = run(["dpkg-deb", "-R", str(deb.resolve()), str(tree)])
     must(f"dpkg-deb -R {deb.name}", r.returncode == 0, out(r))
     control = (tree / "DEBIAN" / "control").read_text()
     m = re.search(r"^Version: (\S+)$", control, re.M)
