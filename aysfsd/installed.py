@@ -1,10 +1,8 @@
-"""The aysfs version installed on disk, which can differ from the running one after an upgrade.
+"""The aysfs version installed on disk, which can differ from the running one after an upgrade
+that did not restart the daemon (one started by hand, say): `aysctl status` then says so.
 
-Until the daemon can hand its FUSE connection over to a new process, the package does not
-restart it on upgrade (a restart would break open files); `aysctl status` then says that a
-different version is installed than the one running. importlib.metadata reads the
-installed distribution's metadata from disk on each call (its path cache is keyed on the
-directory's mtime, which an upgrade changes).
+importlib.metadata reads the installed distribution's metadata from disk on each call (its
+path cache is keyed on the directory's mtime, which an upgrade changes).
 """
 
 from __future__ import annotations
@@ -29,4 +27,4 @@ def upgrade_note(installed: str | None, running: str = __version__) -> str:
     if not installed or installed == running:
         return ""
     return (f"aysfs {installed} is installed, {running} is running: restart aysfsd to run it "
-            "(the restart unmounts and remounts every mount)")
+            "(systemctl restart aysfsd, or aysctl restart: mounts and open files stay)")
