@@ -1,4 +1,4 @@
-"""aysctl's control subcommands: status, reload, cache purge, prefetch and debug tail.
+"""aysctl's control subcommands: status, reload, cache purge, prefetch, profile and debug tail.
 
 Each takes the parsed argparse namespace (``socket``, ``config``, ``json`` plus its own options)
 and returns the exit code; errors are printed as ``aysctl: <message>`` on stderr.
@@ -194,6 +194,56 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_file(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file + rename)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+@control
+def cmd_profile_record(args: argparse.Namespace) -> int:
+    """Record the next start of a mount as a startup profile, into a file."""
+    req: dict[str, Any] = {"cmd": "profile.record", "ays": args.ays, "timeout": args.timeout}
+    if args.idle is not None:
+        req["idle"] = args.idle
+    final = call(_socket(args), req, args.timeout * 2 + READ_TIMEOUT)
+    profile = final.pop("profile", None)
+    if not isinstance(profile, str):
+        raise ControlError("aysfsd sent no profile")
+    try:
+        _write_file(args.output, profile.encode("utf-8", "surrogateescape"))
+    except OSError as e:
+        raise ControlError(f"cannot write {args.output}: {e.strerror or e}") from None
+    final["file"] = args.output
+    if args.json:
+        _print_json(final)
+    else:
+        print(f"recorded the start of {args.ays} (version {render.short_root(final.get('root'))}): "
+              f"{render.as_int(final.get('items'))} items, {render.human_bytes(final.get('bytes', 0))} in "
+              f"{final.get('seconds')} s (ended: {final.get('reason')}); wrote {args.output}")
+    return 0
+
+
+@control
+def cmd_profile_stop(args: argparse.Namespace) -> int:
+    """End a mount's recording now (the waiting `profile record` then writes what it has)."""
+    final = call(_socket(args), {"cmd": "profile.stop", "ays": args.ays}, READ_TIMEOUT)
+    if args.json:
+        _print_json(final)
+    else:
+        print("stopped the recording" if final.get("stopped") else f"no recording of {args.ays} was running")
+    return 0
+
+
 @control
 def cmd_debug_tail(args: argparse.Namespace) -> int:
     """Print the daemon's recent log lines (debug level included); with -f keep following."""
@@ -218,4 +268,5 @@ def cmd_debug_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_cache_purge", "cmd_debug_tail", "cmd_prefetch", "cmd_reload", "cmd_status", "control"]
+__all__ = ["cmd_cache_purge", "cmd_debug_tail", "cmd_prefetch", "cmd_profile_record", "cmd_profile_stop",
+           "cmd_reload", "cmd_status", "control"]

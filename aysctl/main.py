@@ -9,6 +9,7 @@ from aysctl import commands, fuser, probe
 from aysctl.client import DEFAULT_CONFIG, DEFAULT_SOCKET
 from aysctl.debugpull import cmd_debug_pull
 from aysfsd.config import ConfigError, load
+from aysfsd.profile import MAX_PROFILE_BYTES
 from aysfsd.publish import Publisher
 from aysfsd.signing import keygen, load_private
 from aysfsd.stores import StoreError, open_store
@@ -19,7 +20,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
                        ssh_accept_unknown_host=args.ssh_accept_unknown_host)
     try:
         key = load_private(args.sign_key) if args.sign_key else None
-        res = Publisher(store).publish(args.src, args.ays, sign_key=key)
+        profile = None
+        if args.profile:
+            with open(args.profile, "rb") as f:
+                profile = f.read(MAX_PROFILE_BYTES + 1)
+        res = Publisher(store).publish(args.src, args.ays, sign_key=key, profile=profile)
     except (StoreError, OSError, ValueError) as e:
         print(f"aysctl publish: {e}", file=sys.stderr)
         return 1
@@ -31,6 +36,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
           f"uploaded {res.uploaded_blobs} blobs ({res.uploaded_bytes} bytes), "
           f"{res.skipped_blobs} already in the stor; {res.packs} packs (small files, directory objects), "
           f"{res.tree_packs} tree packs")
+    if res.profile:
+        print(f"profile {res.profile}: {res.profile_items} items, named by {res.profile_ref}")
     for p in res.skipped_special:
         print(f"skipped (not a file, dir or symlink): {p}", file=sys.stderr)
     return 0
@@ -65,6 +72,16 @@ def _count(value: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < n <= 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400, got {value}")
     return n
 
 
@@ -111,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--ssh-accept-unknown-host", action="store_true",
                      help="accept an ssh host key not in known_hosts (insecure)")
     pub.add_argument("--sign-key", metavar="KEY", help="sign the ref with this Ed25519 key (aysctl keygen)")
+    pub.add_argument("--profile", metavar="FILE",
+                     help="a startup profile of this tree (aysctl profile record): uploaded, named by the ref")
     pub.set_defaults(func=cmd_publish)
 
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing refs")
@@ -159,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--local", action="store_true", help="into the local cache (the default)")
     pf.add_argument("--grid", action="store_true", help="into the grid caches")
     pf.set_defaults(func=commands.cmd_prefetch)
+
+    prof = sub.add_parser("profile", help="startup profiles: record a start, to publish with the tree")
+    prof_sub = prof.add_subparsers(dest="profile_cmd", required=True)
+    rec = prof_sub.add_parser("record", parents=[common],
+                              help="record the mount's next start (blobs in the order first needed) into a file")
+    rec.add_argument("ays", metavar="ID", help="ays id or mount name")
+    rec.add_argument("-o", "--output", required=True, metavar="FILE", help="profile file to write")
+    rec.add_argument("--idle", type=_seconds, default=None, metavar="SECONDS",
+                     help="the start has ended after this long without a new read (default: profile_idle, 5)")
+    rec.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                     help="give up waiting for the start after this long; end a longer recording (default 600)")
+    rec.set_defaults(func=commands.cmd_profile_record)
+    stop = prof_sub.add_parser("stop", parents=[common], help="end a recording now (record then writes its file)")
+    stop.add_argument("ays", metavar="ID", help="ays id or mount name")
+    stop.set_defaults(func=commands.cmd_profile_stop)
 
     dbg = sub.add_parser("debug", help="debugging tools")
     dbg_sub = dbg.add_subparsers(dest="debug_cmd", required=True)

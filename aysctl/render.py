@@ -117,14 +117,35 @@ def _prefetch_cell(p: object) -> str:
     return f"{text}, {errors} errors" if errors else text
 
 
+def profile_cell(p: object) -> str:
+    """A mount's startup profile: "grid, read 110/120 items", "recording", "none"."""
+    if not isinstance(p, dict):
+        return "-"
+    source, state = _str(p.get("source")), _str(p.get("state"))
+    if state == "recording":
+        return f"recording ({as_int(p.get('recorded'))} items)"
+    if state == "recorded":
+        return f"recorded {as_int(p.get('items'))} items"
+    if source == "none":
+        return "none" if state in ("none", "-") else state
+    text = f"{source}, read {as_int(p.get('read'))}/{as_int(p.get('items'))} items"
+    if state != "done":
+        text += f" ({state})"
+    ignored = as_int(p.get("ignored"))
+    return f"{text}, {ignored} ignored" if ignored else text
+
+
 def mounts_table(mounts: list[Reply]) -> Table:
     """The mounts as a rich table."""
     with_prefetch = any(isinstance(m.get("prefetch"), dict) for m in mounts)
+    with_profile = any(isinstance(m.get("profile"), dict) for m in mounts)
     t = Table(title="mounts", title_justify="left", title_style="bold")
     for col in ("name", "ays id", "mountpoint", "state", "version", "hits/misses", "read local/grid/stor"):
         t.add_column(col, justify="right" if col in ("hits/misses", "read local/grid/stor") else "left")
     if with_prefetch:
         t.add_column("prefetch")
+    if with_profile:
+        t.add_column("profile")
     for m in mounts:
         state = _str(m.get("state"))
         state_text = Text(state, style=STATE_STYLES.get(state, ""))
@@ -138,6 +159,8 @@ def mounts_table(mounts: list[Reply]) -> Table:
         ]
         if with_prefetch:
             row.append(_prefetch_cell(m.get("prefetch")))
+        if with_profile:
+            row.append(profile_cell(m.get("profile")))
         t.add_row(*row)
     return t
 
@@ -234,6 +257,11 @@ def status_plain(st: Reply) -> list[str]:
             str(rev) if isinstance(rev, int) and not isinstance(rev, bool) else "-",
             str(as_int(m.get("hits"))), str(as_int(m.get("misses"))), _one_line(_str(m.get("error"))),
         ]))
+    for m in _dicts(st.get("mounts")):
+        p = m.get("profile")
+        if isinstance(p, dict):
+            lines.append(f"profile\t{_one_line(_str(m.get('name')))}\t{_str(p.get('source'))}\t{_str(p.get('state'))}\t"
+                         f"{as_int(p.get('read'))}\t{as_int(p.get('items'))}")
     lines.append(f"cache\t{as_int(cache.get('bytes'))}\t{as_int(cache.get('limit'))}\t{as_int(cache.get('entries'))}"
                  f"\t{_str(cache.get('state'))}\t{_one_line(_str(cache.get('reason')))}")
     for s in _dicts(st.get("sources")):

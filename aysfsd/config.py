@@ -126,6 +126,7 @@ class MainConfig:
     log_level: str = "info"
     trusted_keys: tuple[str, ...] = ()  # refs must be signed by one of these (none: unsigned accepted)
     metrics_listen: str = ""  # HOST:PORT of the Prometheus /metrics endpoint ("" = off)
+    profile_idle: float = 5.0  # seconds without a new need that end a recorded start (profiles)
 
 
 @dataclass(frozen=True)
@@ -451,7 +452,7 @@ class _Table:
 
 
 _MAIN_KEYS = ("id", "cache_dir", "cache_size", "cache_min_free", "control_socket", "fuse_root", "fetch_timeout",
-              "log_level", "trusted_keys", "metrics_listen")
+              "log_level", "trusted_keys", "metrics_listen", "profile_idle")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -516,6 +517,7 @@ def _main(t: _Table) -> MainConfig:
         control_socket=t.abs_path("control_socket", d.control_socket),
         fuse_root=t.abs_path("fuse_root", d.fuse_root),
         fetch_timeout=t.seconds("fetch_timeout", d.fetch_timeout), log_level=level.lower(),
+        profile_idle=t.seconds("profile_idle", d.profile_idle),
         trusted_keys=_trusted_keys(t) or (), metrics_listen=listen,
     )
 

@@ -3,7 +3,8 @@
 One request per connection: the client sends one JSON object and a newline (at most
 64 KiB); the server answers with zero or more event lines `{"event": ...}` and exactly
 one final line `{"ok": true, ...}` or `{"ok": false, "code": ..., "error": ...}`.
-Commands: status, reload, cache.purge, prefetch, log.tail (see the README).
+Commands: status, reload, cache.purge, cache.verify, prefetch, profile.record, profile.stop,
+log.tail (see the README).
 
 Access: the socket is created mode 0660, group `aysfs` (0600 when that group does not
 exist), before it listens. SO_PEERCRED then decides per request: root and members of
@@ -32,8 +33,10 @@ import trio
 
 from . import logsetup
 from .cache import LocalCache
+from .config import Config
 from .debugstore import DebugStoreError
 from .fs import MountPoint, Operations
+from .startwatch import StartWatch
 from .tiers import Fetcher
 
 log = logging.getLogger("aysfsd.control")
@@ -56,6 +59,7 @@ class DaemonAPI(Protocol):
     ops: Operations
     cache: LocalCache
     fetcher: Fetcher
+    cfg: Config
 
     async def status_report(self) -> dict[str, object]: ...
 
@@ -64,6 +68,8 @@ class DaemonAPI(Protocol):
     def request_handover(self) -> str: ...
 
     async def purge_mount(self, mp: MountPoint) -> tuple[int, int]: ...
+
+    async def record_profile(self, mp: MountPoint, idle: float, timeout: float) -> StartWatch: ...
 
     def debug_log(self, mount: str | None, lines: int, follow: bool) -> AsyncIterator[dict[str, object]]: ...
 
@@ -139,6 +145,8 @@ class ControlServer:
             "cache.purge": self.purge,
             "cache.verify": self.verify,
             "prefetch": self.prefetch,
+            "profile.record": self.profile_record,
+            "profile.stop": self.profile_stop,
             "log.tail": self.log_tail,
         }
 
@@ -323,6 +331,38 @@ class ControlServer:
         p = result[0]
         return {"blobs": p.blobs_done, "bytes": p.bytes_done, "fetched_blobs": p.fetched_blobs,
                 "fetched_bytes": p.fetched_bytes, "errors": p.errors, "seconds": p.seconds, "state": p.state}
+
+    def _seconds(self, req: dict[str, Any], key: str, default: float, hi: float) -> float:
+        v = req.get(key, default)
+        if type(v) not in (int, float) or not 0 < v <= hi:
+            raise Refused("bad-request", f'"{key}" must be a number of seconds in (0, {hi:g}]')
+        return float(v)
+
+    async def profile_record(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
+        """Record the mount's next start; answers when the recording ends, with the profile."""
+        mp = self._mount(req)
+        if mp.cfg.debug:
+            raise Refused("failed", f"mount {mp.name} is in debug mode: its tree is not the published one")
+        idle = self._seconds(req, "idle", self.daemon.cfg.main.profile_idle, 3600)
+        timeout = self._seconds(req, "timeout", 600, 86400)
+        try:
+            w = await self.daemon.record_profile(mp, idle, timeout)
+        except LookupError as e:
+            raise Refused("failed", str(e)) from None
+        if not w.items:
+            raise Refused("failed", f"nothing of {mp.name} was read ({w.reason or 'stopped'}): no profile recorded")
+        p = w.profile()
+        return {"ays": mp.cfg.id, "root": p.root, "items": len(p.items), "bytes": p.data_bytes,
+                "seconds": w.seconds, "reason": w.reason, "profile": p.encode().decode("utf-8", "surrogateescape")}
+
+    async def profile_stop(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
+        mp = self._mount(req)
+        w = mp.watch
+        stopped = w is not None and w.active and w.record
+        if stopped:
+            assert w is not None
+            w.stop("stopped")
+        return {"stopped": stopped}
 
     async def log_tail(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
         lines = req.get("lines", 20)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import __version__, fuseguard, gridrefs, handover, notify, sysmount
+from . import __version__, fuseguard, gridrefs, handover, notify, profiles, sysmount
 from .cache import LocalCache
 from .config import AysConfig, Config, ConfigError, load
 from .control import ControlServer
@@ -36,6 +36,7 @@ from .installed import installed_version, upgrade_note
 from .layout import ref_path
 from .metrics import MetricsEndpoint
 from .ref import Ref, RefError, decode_ref, verify
+from .startwatch import StartWatch
 from .statejournal import Restored, StateJournal, restore
 from .stores import StoreError, open_store
 from .tiers import Fetcher, Source
@@ -85,6 +86,7 @@ class Daemon:
         self._warned_unsigned: set[str] = set()
         self._shared: dict[str, str] = {}  # ays id -> root of the ref last written to the grid caches
         self._read_ahead_set = False
+        self._profile_scopes: dict[str, trio.CancelScope] = {}  # mount name -> its cold start's work
         # the session's superblock is read-only until a debug mount needs writes: the kernel then
         # keeps file attributes across reads (on a writable one every READ marks atime stale,
         # and the next stat costs a GETATTR request per file)
@@ -212,7 +214,10 @@ class Daemon:
         if mp.ref is None or ref.root != mp.ref.root:
             log.info("mount %s: version %s (revision %d)", mp.name, ref.root[:12], ref.revision,
                      extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+            cold = not self.cache.has(ref.root)
             self.ops.set_ref(mp, ref)
+            if cold:
+                self.start_profile(mp, ref)
 
     # -- mounts -------------------------------------------------------------------------------
 
@@ -235,6 +240,7 @@ class Daemon:
         except LookupError as e:
             raise RuntimeError(f"no version of {mp.cfg.id!r} found: {e}") from None
         self._checked[mp.name] = time.monotonic()
+        cold = not self.cache.has(ref.root)  # the version's first start on this node
         self.ops.set_ref(mp, ref)
         if mp.cfg.debug and self._session_ro:
             await sysmount.remount_rw(self.fuse_root)
@@ -253,6 +259,8 @@ class Daemon:
             # after FUSE INIT (a bind mount needed it), which caps read-ahead at the 128 KiB default
             self._read_ahead_set = sysmount.set_read_ahead(self.fuse_root, READ_AHEAD_KB)
         mp.state, mp.error = "up", ""
+        if cold:
+            self.start_profile(mp, ref)
         self.start_prefetch(mp)
         log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
                  extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
@@ -303,6 +311,11 @@ class Daemon:
             except sysmount.MountError as e:
                 log.error("mount %s: unmounting %s failed: %s", name, mp.cfg.mnt, e)
         self.ops.remove_mount(name, notify_kernel=not shutdown)
+        scope = self._profile_scopes.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        if mp.watch is not None:
+            mp.watch.stop("replaced")
         if mp.overlay is not None:
             mp.overlay.close()
         self._checked.pop(name, None)
@@ -388,6 +401,8 @@ class Daemon:
                 "bytes_by_tier": dict(mp.bytes_by_tier), "blobs_by_tier": dict(mp.bytes_by_tier.blobs),
                 "eio": dict(mp.eio),
                 "prefetch": pf.public() if pf is not None else None,
+                "profile": mp.profile.public() if mp.profile is not None else None,
+                "watch": mp.watch.public() if mp.watch is not None else None,
             })
         return {
             "daemon": {"pid": os.getpid(), "version": __version__, "uptime": round(time.time() - self.started, 3),
@@ -463,6 +478,45 @@ class Daemon:
                     yield {"time": epoch, "level": "info", "logger": "debug", "AYSFS_MOUNT": mp.name,
                            "path": path, "hash": md5, "message": f"{path} {md5 or 'removed'}"}
             first_round = False
+
+    def start_profile(self, mp: MountPoint, ref: Ref) -> None:
+        """On a cold start of a version: use a startup profile, or record one for the grid."""
+        if mp.cfg.debug or self.nursery is None:
+            return
+        old = self._profile_scopes.pop(mp.name, None)
+        if old is not None:
+            old.cancel()
+        scope = self._profile_scopes[mp.name] = trio.CancelScope()
+        trusted = list(mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys)
+
+        async def job() -> None:
+            with scope:
+                try:
+                    await profiles.cold_start(self.ops, mp, ref, trusted=trusted, idle=self.cfg.main.profile_idle,
+                                              timeout=self.cfg.main.fetch_timeout)
+                except Exception:
+                    log.exception("mount %s: startup profile failed", mp.name,
+                                  extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+            if self._profile_scopes.get(mp.name) is scope:
+                del self._profile_scopes[mp.name]
+
+        self.nursery.start_soon(job)
+
+    async def record_profile(self, mp: MountPoint, idle: float, timeout: float) -> StartWatch:
+        """Record the mount's next start (from its next need until `idle` seconds without one)."""
+        if mp.ref is None:
+            raise LookupError(f"mount {mp.name} has no version yet")
+        w = StartWatch(mp.ref.root, idle=idle, timeout=timeout, first_wait=timeout, record=True)
+        if mp.watch is not None:
+            mp.watch.stop("replaced")
+        mp.watch = w
+        try:
+            await w.run()
+        finally:
+            w.stop("stopped")
+            if mp.watch is w:
+                mp.watch = None
+        return w
 
     def start_prefetch(self, mp: MountPoint) -> None:
         """Fill the tiers chosen by the mount's prefetch flags, in the background."""

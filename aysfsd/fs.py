@@ -28,6 +28,7 @@ from .debugstore import PathState
 from .fs_debug import DebugWrites
 from .fuseguard import erofs, guarded
 from .nodes import MountPoint, Node, OpenFile
+from .profile import DIR_INDEX
 from .ref import Ref
 from .statejournal import Journal, Restored, snapshot_lines
 from .tiers import Fetcher, FetchError
@@ -204,6 +205,28 @@ class Operations(DebugWrites, pyfuse3.Operations):
         entries, _ = await self.load_dir(h, grid=grid, ahead=False)
         await self.trees.wait(h)
         self._subdirs_ahead(entries, grid)
+    # -- start watches (see aysfsd.startwatch) -------------------------------------------------
+
+    def _need(self, node: Node, index: int, h: str, size: int) -> None:
+        """Tell the mount's start watch, if any, that `node` needed blob `h` (chunk `index`)."""
+        w = node.mount.watch
+        if w is not None and w.active:
+            w.need(h, size, lambda: self._where(node, index))
+
+    def _where(self, node: Node, index: int) -> tuple[str, int] | None:
+        path = self.path_of(node)
+        return None if path is None else (path, index)
+
+    def path_of(self, node: Node) -> str | None:
+        """A node's path below its mount top, through its parents (None if one was forgotten)."""
+        parts: list[str] = []
+        n: Node | None = node
+        while n is not None and n.ino != node.mount.top_ino:
+            parts.append(n.entry.name)
+            n = self.nodes.get(n.parent)
+            if n is not None and n.mount is not node.mount:
+                return None
+        return None if n is None else "/".join(reversed(parts))
 
     def _node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
@@ -216,6 +239,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if not node.entry.hash:
             return [], NameIndex([])
+        self._need(node, DIR_INDEX, node.entry.hash, 0)
         try:
             if node.ino == node.mount.top_ino:
                 await self._load_top(node.entry.hash, node.mount.cfg.cache_grid)
@@ -414,6 +438,9 @@ class Operations(DebugWrites, pyfuse3.Operations):
             of = await self._open_for_write(node, flags)
         else:
             of = OpenFile(node, node.entry, dbg=node.dbg)
+            if node.dbg is None and node.entry.size:
+                h, size = node.entry.blobs()[0]
+                self._need(node, 0, h, size)
             if node.dbg is None and node.entry.size and node.entry.size <= SIBLING_MAX_SIZE:
                 await self._fetch_siblings(node)
         fh = self._next_fh
@@ -486,6 +513,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
             h, csize = pieces[idx]
             coff = pos - idx * CHUNK_SIZE
             n = min(end - pos, csize - coff)
+            if mp.watch is not None:
+                self._need(of.node, idx, h, csize)
             data: bytes | memoryview | None = self.cache.get_range(h, coff, n)
             if data is None:
                 mp.misses += 1

@@ -3,6 +3,8 @@
     <root>/blobs/<first 2 hex>/<sha256 hex>    a blob, stored plain (uncompressed)
     <root>/refs/<escaped ays id>               a ref (JSON, see aysfsd.ref)
     <root>/trees/<root hash>                   a version's tree index (JSON, see aysfsd.treepacks)
+    <root>/refs/<escaped ays id>.profile       the same ref naming a startup profile (stors)
+    <root>/profiles/<root hash>                a startup profile of that version (grid caches)
 
 Blobs are stored plain so that any web server can serve them and a byte range of a
 chunk could be requested directly; HTTP transfer compression is the server's business.
@@ -48,3 +50,15 @@ def escape_id(ays_id: str) -> str:
 def ref_path(ays_id: str) -> str:
     """Relative path of the ref of `ays_id` in a stor."""
     return f"refs/{escape_id(ays_id)}"
+
+
+def profile_ref_path(ays_id: str) -> str:
+    """The ref that also names a startup profile; a separate file, so that daemons that know
+    no profiles keep reading the plain ref (an escaped id has no '.': no clash)."""
+    return f"refs/{escape_id(ays_id)}.profile"
+
+
+def grid_profile_path(root: str) -> str:
+    """Where a grid cache keeps the startup profile a node recorded for version `root`."""
+    check_hash(root)
+    return f"profiles/{root}"

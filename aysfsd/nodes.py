@@ -15,6 +15,8 @@ from .tree import KIND_DIR, Entry
 if TYPE_CHECKING:
     from .debug import DebugOverlay
     from .prefetch import Progress
+    from .profiles import ProfileUse
+    from .startwatch import StartWatch
 
 
 @dataclass
@@ -34,6 +36,8 @@ class MountPoint:
     eio: dict[str, int] = field(default_factory=dict)  # EIO answers by cause (see count_eio)
     prefetch: Progress | None = None  # the last prefetch of this mount
     overlay: DebugOverlay | None = None  # debug mode
+    watch: StartWatch | None = None  # the start being recorded or measured (see aysfsd.startwatch)
+    profile: ProfileUse | None = None  # the startup profile of the current version, if looked for
 
     @property
     def name(self) -> str:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .layout import blob_path, ref_path
+from .layout import blob_path, profile_ref_path, ref_path
+from .profile import decode as decode_profile
 from .ref import Ref, decode_ref, new_ref, public_key_text, sign
 from .stores import Store
 from .tree import (
@@ -43,6 +44,9 @@ class PublishResult:
     packs: int = 0
     tree_packs: int = 0
     ref_changed: bool = False
+    profile: str = ""  # the startup profile's blob, when one was published
+    profile_items: int = 0
+    profile_ref: str = ""
     skipped_special: list[str] = field(default_factory=list)
 
 
@@ -152,11 +156,20 @@ class Publisher:
         self.result.packs += 1
         self._upload(h, data)
 
-    def publish(self, src: str, ays_id: str, sign_key: Ed25519PrivateKey | None = None) -> PublishResult:
+    def publish(self, src: str, ays_id: str, sign_key: Ed25519PrivateKey | None = None,
+                profile: bytes | None = None) -> PublishResult:
+        """`profile`: a startup profile of this tree (checked before the ref is written)."""
         if not os.path.isdir(src):
             raise NotADirectoryError(f"{src}: not a directory")
         root, _ = self._dir(src)
         self.result.root = root
+        if profile is not None:
+            p = decode_profile(profile)  # ProfileError is a ValueError
+            if p.root != root:
+                raise ValueError(f"the profile was recorded on version {p.root[:12]}, this tree is {root[:12]}: "
+                                 "record it again on this version")
+            ph = hashlib.sha256(profile).hexdigest()
+            self._upload(ph, profile)
         self._tree_packs(root)  # before the ref: a node that sees the ref finds them
         rel = ref_path(ays_id)
         raw = self.store.read(rel)
@@ -171,6 +184,14 @@ class Publisher:
             self.store.write(rel, ref.encode())
             self.result.ref = ref
             self.result.ref_changed = True
+        if profile is not None:
+            # beside the plain ref, which daemons that know no profiles keep reading (see aysfsd.ref)
+            pref = dataclasses.replace(self.result.ref, profile=ph, key="", sig="")
+            if sign_key is not None:
+                pref = sign(pref, sign_key)
+            self.store.write(profile_ref_path(ays_id), pref.encode())
+            self.result.profile, self.result.profile_items = ph, len(p.items)
+            self.result.profile_ref = profile_ref_path(ays_id)
         return self.result
 
 

@@ -1,11 +1,16 @@
 """Refs: the one mutable record per ays in a stor, naming the root of its current tree.
 
-    {"aysfs":"ref","v":1,"ays":ID,"root":HASH,"revision":N,"time":T[,"key":PUB,"sig":SIG]}
+    {"aysfs":"ref","v":1,"ays":ID,"root":HASH,"revision":N,"time":T[,"profile":HASH][,"key":PUB,"sig":SIG]}
 
 A signed ref carries the signer's Ed25519 public key and a signature (both base64) over
 the canonical JSON of every other field (sorted keys, no spaces), so the ays id, root,
 revision and time are all covered: a ref cannot be replayed for another ays, and the
 revision lets a node refuse a rollback to an older version.
+
+`profile` names the blob of a startup profile of that version (see aysfsd.profile) and is
+covered by the signature like every other field. Daemons before profiles refuse unknown
+fields, so a ref naming a profile is published as a second file beside the plain ref
+(see layout.profile_ref_path), with the same fields: a node uses it only when they match.
 """
 
 from __future__ import annotations
@@ -35,10 +40,13 @@ class Ref:
     time: float
     key: str = ""  # base64 raw Ed25519 public key of the signer ("" = unsigned)
     sig: str = ""  # base64 signature over payload()
+    profile: str = ""  # hash of a startup profile blob ("" = none)
 
     def payload(self) -> bytes:
         obj: dict[str, object] = {"aysfs": "ref", "v": 1, "ays": self.ays, "root": self.root,
                                   "revision": self.revision, "time": self.time}
+        if self.profile:
+            obj["profile"] = self.profile
         if self.key:
             obj["key"] = self.key
         return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
@@ -92,11 +100,11 @@ def decode_ref(data: bytes, ays_id: str) -> Ref:
         raise RefError(f"ref for {ays_id!r} is not valid JSON: {e}") from None
     if not isinstance(obj, dict) or obj.get("aysfs") != "ref" or obj.get("v") != 1:
         raise RefError(f"ref for {ays_id!r} is not an aysfs ref (v1)")
-    unknown = set(obj) - {"aysfs", "v", "ays", "root", "revision", "time", "key", "sig"}
+    unknown = set(obj) - {"aysfs", "v", "ays", "root", "revision", "time", "key", "sig", "profile"}
     if unknown:
         raise RefError(f"ref for {ays_id!r} has unknown fields {sorted(unknown)}")
     ays, root, rev, t = obj.get("ays"), obj.get("root"), obj.get("revision"), obj.get("time")
-    key, sig = obj.get("key", ""), obj.get("sig", "")
+    key, sig, profile = obj.get("key", ""), obj.get("sig", ""), obj.get("profile", "")
     if ays != ays_id:
         raise RefError(f"ref for {ays_id!r} names another ays: {ays!r:.80}")
     if not isinstance(root, str) or not HASH_RE.match(root):
@@ -107,4 +115,6 @@ def decode_ref(data: bytes, ays_id: str) -> Ref:
         raise RefError(f"ref for {ays_id!r} has a bad time {t!r:.40}")
     if not isinstance(key, str) or not isinstance(sig, str) or len(key) > 100 or len(sig) > 200 or bool(key) != bool(sig):
         raise RefError(f"ref for {ays_id!r} has a malformed signature")
-    return Ref(ays_id, root, rev, float(t), key, sig)  # type: ignore[arg-type]
+    if "profile" in obj and (not isinstance(profile, str) or not HASH_RE.match(profile)):
+        raise RefError(f"ref for {ays_id!r} has a bad profile hash {profile!r:.80}")
+    return Ref(ays_id, root, rev, float(t), key, sig, profile)  # type: ignore[arg-type]

@@ -274,10 +274,12 @@ class Nginx(_Server):
     name = "nginx"
     stop_signal = signal.SIGTERM  # fast shutdown; SIGQUIT would wait for in-flight requests
 
-    def __init__(self, root: Path, workdir: Path, put: bool = True, port: int | None = None) -> None:
+    def __init__(self, root: Path, workdir: Path, put: bool = True, port: int | None = None,
+                 access_log: bool = False) -> None:
         super().__init__(workdir, port)
         self.root = Path(root).resolve()
         self.put = put
+        self.access_log = self.workdir / "access.log" if access_log else None
         self.conf_path = self.workdir / "nginx.conf"
         self.error_log = self.workdir / "error.log"
 
@@ -332,7 +334,7 @@ events {{
 
 http {{
     default_type application/octet-stream;
-    access_log off;
+    access_log {_nq(self.access_log) if self.access_log else "off"};
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -348,6 +350,18 @@ http {{
 }}
 """
         )
+
+    def requests(self, method: str = "GET") -> list[str]:
+        """The paths of the `method` requests served so far, in order (needs access_log=True)."""
+        assert self.access_log is not None, "started without access_log"
+        out = []
+        if self.access_log.exists():
+            for line in self.access_log.read_text().splitlines():
+                parts = line.split('"')
+                req = parts[1].split() if len(parts) > 1 else []
+                if len(req) == 3 and req[0] == method:
+                    out.append(req[1])
+        return out
 
     def _command(self) -> list[str]:
         return ["nginx", "-p", f"{self.workdir}/", "-e", str(self.error_log), "-c", str(self.conf_path)]

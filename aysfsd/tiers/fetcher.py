@@ -117,6 +117,11 @@ class Fetcher:
         """Fetch pack `pack` in the background for its missing members (hash, offset, size)."""
         self.packs.fetch(pack, members, local=local, grid=grid, account=account)
 
+    async def get_pack(self, pack: str, members: Members, *, local: bool, grid: bool,
+                       account: dict[str, int] | None) -> None:
+        """Fetch pack `pack` now, as a reader would (a startup profile ahead of its reader)."""
+        await self.packs.get(pack, members, local=local, grid=grid, account=account)
+
     async def load_pack(self, pack: str, members: Members, *, local: bool, grid: bool,
                         data: bytes | None = None) -> list[str]:
         """Prefetch pack `pack` now; returns the members it did not deliver."""

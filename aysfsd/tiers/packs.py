@@ -68,6 +68,15 @@ class Packs:
             self._foreground.enter()
             nursery.start_soon(self._fetch, pack, flights, local, grid, account, True)
 
+    async def get(self, pack: str, members: Members, *, local: bool, grid: bool,
+                  account: dict[str, int] | None) -> None:
+        """Fetch pack `pack` now, as a reader would, for its missing members (readers of them
+        wait for it); returns once they are had (or left for their readers to fetch alone)."""
+        flights = self._flights(pack, members, local)
+        if flights:
+            self._foreground.enter()
+            await self._fetch(pack, flights, local, grid, account, True)
+
     async def load(self, pack: str, members: Members, *, local: bool, grid: bool,
                    data: bytes | None = None) -> list[str]:
         """Prefetch: fetch pack `pack` now (after foreground fetches; or take its verified

@@ -1,0 +1,283 @@
+"""Startup profiles on a mount: found, played ahead of the reader, or recorded for the grid.
+
+On a cold start of a version (its root directory object not in the local cache) the daemon
+looks for a profile (see aysfsd.profile): first the one the ref names (published with
+`aysctl publish --profile`), then the grid caches in order (`profiles/<root>`). Found, its
+items are resolved through the verified tree and fetched in their order, WINDOW at a time:
+the reader's own misses are not queued behind them (they fetch at once, or join a fetch of
+the same blob already in flight). Not found, and with a writable grid cache, the start is
+recorded (see aysfsd.startwatch) and the profile written to the writable grid caches, so
+the next node of the grid starts with it. Either way a StartWatch counts how much of the
+profile the start read. A bad profile costs bandwidth and log lines, never bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from .fs import MountPoint, Operations
+from .layout import grid_profile_path, profile_ref_path
+from .profile import DIR_INDEX, Item, Profile, ProfileError, decode
+from .ref import Ref, RefError, decode_ref, verify
+from .startwatch import StartWatch
+from .stores import StoreError
+from .tiers import Fetcher, FetchError
+from .tree import KIND_DIR, KIND_FILE, Entry, pack_members
+
+log = logging.getLogger("aysfsd.profile")
+
+WINDOW = 8  # profile items fetched at once
+LOGGED_IGNORED = 5  # ignored items logged one by one; the rest are counted
+RECORD_SECONDS = 300.0  # an automatic recording ends after this long (from the first need)
+
+
+@dataclass
+class ProfileUse:
+    """What a mount did about a startup profile for its current version (status)."""
+
+    root: str
+    source: str = "none"  # ref | grid | none
+    state: str = "looking"  # looking | fetching | done | recording | recorded | none
+    hash: str = ""  # of the profile's bytes, when it came from the ref
+    items: int = 0
+    ignored: int = 0  # items the tree does not name at their place
+    fetched_blobs: int = 0
+    fetched_bytes: int = 0
+    errors: int = 0
+    written: list[str] = field(default_factory=list)  # grid caches a recorded profile went to
+    watch: StartWatch | None = None
+
+    def public(self) -> dict[str, object]:
+        w = self.watch
+        return {"source": self.source, "state": self.state, "hash": self.hash, "items": self.items,
+                "ignored": self.ignored, "fetched_blobs": self.fetched_blobs, "fetched_bytes": self.fetched_bytes,
+                "errors": self.errors, "read": w.hits if w is not None and w.profiled is not None else 0,
+                "recorded": len(w.items) if w is not None and w.record else 0, "written": list(self.written)}
+
+
+def _extra(mp: MountPoint) -> dict[str, str]:
+    return {"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id}
+
+
+# -- finding ------------------------------------------------------------------------------------
+
+
+async def from_ref(fetcher: Fetcher, mp: MountPoint, ref: Ref, trusted: list[str],
+                   timeout: float) -> tuple[str, Profile] | None:
+    """The profile named by the ref published beside `ref` (same fields), if any and valid."""
+    rel = profile_ref_path(mp.cfg.id)
+    for src in sorted(fetcher.stors, key=lambda s: s.is_down()):
+        try:
+            with trio.fail_after(max(1.0, timeout)):
+                raw = await src.store.fetch(rel)
+        except (StoreError, trio.TooSlowError):
+            continue
+        if raw is None:
+            continue
+        try:
+            pref = decode_ref(raw, mp.cfg.id)
+            if (pref.root, pref.revision, pref.time) != (ref.root, ref.revision, ref.time) or not pref.profile:
+                log.debug("mount %s: the profile ref at %s is for another version", mp.name, src.name,
+                          extra=_extra(mp))
+                return None
+            if trusted:
+                verify(pref, trusted)
+            data = await fetcher.get(pref.profile, local=False, grid=False)
+            return pref.profile, decode(data, ref.root)
+        except (RefError, ProfileError, FetchError) as e:
+            log.error("mount %s: refused the profile named by the ref at %s: %s", mp.name, src.name, e,
+                      extra=_extra(mp))
+            return None
+    return None
+
+
+async def from_grid(fetcher: Fetcher, mp: MountPoint, root: str) -> Profile | None:
+    rel = grid_profile_path(root)
+    for g in fetcher.grid:
+        if g.is_down():
+            continue
+        try:
+            raw = await g.store.fetch(rel)
+        except StoreError as e:
+            log.debug("mount %s: grid cache %s: no profile: %s", mp.name, g.name, e, extra=_extra(mp))
+            continue
+        if raw is None:
+            continue
+        try:
+            return decode(raw, root)
+        except ProfileError as e:
+            log.error("mount %s: refused the profile in grid cache %s: %s", mp.name, g.name, e, extra=_extra(mp))
+    return None
+
+
+async def to_grid(fetcher: Fetcher, mp: MountPoint, profile: Profile) -> list[str]:
+    """Write a recorded profile to every writable grid cache (atomically, like blobs)."""
+    data = profile.encode()
+    done = []
+    for g in fetcher.grid:
+        if not g.writable or g.is_down():
+            continue
+        try:
+            await g.store.store(grid_profile_path(profile.root), data)
+            done.append(g.name)
+        except StoreError as e:
+            log.warning("mount %s: could not write the startup profile to grid cache %s: %s", mp.name, g.name, e,
+                        extra=_extra(mp))
+    return done
+
+
+# -- playing ------------------------------------------------------------------------------------
+
+
+async def _place(ops: Operations, mp: MountPoint, root: str, item: Item) -> tuple[Entry, list[Entry]] | None:
+    """The entry at an item's path and its directory's entries (for a directory item: the
+    entry is the directory's own); None when the tree has nothing there."""
+    grid = mp.cfg.cache_grid
+    parts = item.parts()
+    entries, index = await ops.load_dir(root, grid=grid)
+    if not parts:
+        return Entry("", KIND_DIR, 0, 0, 0, hash=root), entries
+    for n, name in enumerate(parts):
+        i = index.get(name)
+        if i is None:
+            return None
+        e = entries[i]
+        if n == len(parts) - 1:
+            return e, entries
+        if e.kind != KIND_DIR:
+            return None
+        entries, index = await ops.load_dir(e.hash, grid=grid)
+    return None
+
+
+async def play(ops: Operations, mp: MountPoint, profile: Profile, use: ProfileUse) -> None:
+    """Fetch the blobs a profile names, in its order, WINDOW at a time; items the tree does not
+    name at their place are ignored with a log line."""
+    fetcher = ops.fetcher
+    cfg = mp.cfg
+    root = profile.root
+    started: set[str] = set()  # blobs and packs asked for already
+    send, recv = trio.open_memory_channel[tuple[int, Item]](0)  # a worker takes the next item when free
+
+    def ignore(n: int, item: Item, why: str) -> None:
+        use.ignored += 1
+        if use.ignored <= LOGGED_IGNORED:
+            log.warning("mount %s: profile item %d (%r, %d, %s) ignored: %s", mp.name, n, item.path, item.index,
+                        item.hash[:12], why, extra={**_extra(mp), "BLOB": item.hash})
+        elif use.ignored == LOGGED_IGNORED + 1:
+            log.warning("mount %s: more profile items ignored (counted in the status)", mp.name, extra=_extra(mp))
+
+    async def one(n: int, item: Item) -> None:
+        place = await _place(ops, mp, root, item)
+        if place is None:
+            return ignore(n, item, "no such path in this version")
+        e, entries = place
+        if item.index == DIR_INDEX:
+            if e.kind != KIND_DIR or e.hash != item.hash:
+                return ignore(n, item, "the tree names another directory object there")
+            if item.hash not in started:
+                started.add(item.hash)
+                await ops.load_dir(item.hash, grid=cfg.cache_grid)
+            return
+        pieces = e.blobs()
+        if e.kind != KIND_FILE or item.index >= len(pieces) or pieces[item.index] != (item.hash, item.size):
+            return ignore(n, item, "the tree names another blob (or size) there")
+        if item.index == 0 and e.pack:
+            if e.pack in started or not fetcher.missing(item.hash):
+                return
+            started.add(e.pack)
+            members = pack_members(entries, KIND_FILE).get(e.pack, [])
+            await fetcher.get_pack(e.pack, members, local=cfg.cache_local, grid=cfg.cache_grid,
+                                   account=mp.bytes_by_tier)
+            use.fetched_blobs += 1
+            use.fetched_bytes += e.pack_size
+            return
+        if item.hash in started or not fetcher.missing(item.hash):
+            return
+        started.add(item.hash)
+        await fetcher.get(item.hash, local=cfg.cache_local, grid=cfg.cache_grid, account=mp.bytes_by_tier)
+        use.fetched_blobs += 1
+        use.fetched_bytes += item.size
+
+    async def feed() -> None:
+        async with send:
+            for n, item in enumerate(profile.items):
+                await send.send((n, item))
+
+    async def worker(recv: trio.MemoryReceiveChannel[tuple[int, Item]]) -> None:
+        async with recv:
+            async for n, item in recv:
+                try:
+                    await one(n, item)
+                except (FetchError, pyfuse3.FUSEError) as e:
+                    use.errors += 1
+                    log.warning("mount %s: profile item %d (%r): %s", mp.name, n, item.path, e, extra=_extra(mp))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        for _ in range(WINDOW):
+            nursery.start_soon(worker, recv.clone())
+        await recv.aclose()
+
+
+# -- a cold start -------------------------------------------------------------------------------
+
+
+async def cold_start(ops: Operations, mp: MountPoint, ref: Ref, *, trusted: list[str], idle: float,
+                     timeout: float) -> None:
+    """Find and play a profile for `ref`'s version, or record one for the grid (see the module
+    docstring). Runs in the background from the moment the mount shows the version."""
+    fetcher = ops.fetcher
+    use = mp.profile = ProfileUse(ref.root)
+    record = mp.cfg.cache_grid and any(g.writable for g in fetcher.grid)
+    # armed before looking, so that nothing the start needs meanwhile is missed
+    watch = use.watch = StartWatch(ref.root, idle=idle, timeout=RECORD_SECONDS, record=record)
+    if mp.watch is not None:
+        mp.watch.stop("replaced")
+    mp.watch = watch
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch.run)
+            found: tuple[str, Profile] | None = await from_ref(fetcher, mp, ref, trusted, timeout)
+            if found is not None:
+                use.source, use.hash = "ref", found[0]
+            else:
+                p = await from_grid(fetcher, mp, ref.root)
+                if p is not None:
+                    use.source, found = "grid", ("", p)
+            if mp.ref is not ref:
+                watch.stop("replaced")
+                return
+            if found is not None:
+                profile = found[1]
+                use.items, use.state = len(profile.items), "fetching"
+                watch.measure({i.hash for i in profile.items})
+                log.info("mount %s: startup profile from the %s: %d items, fetching ahead", mp.name, use.source,
+                         use.items, extra=_extra(mp))
+                await play(ops, mp, profile, use)
+                use.state = "done"
+                log.info("mount %s: startup profile fetched: %d blobs (%d bytes), %d items ignored, %d errors",
+                         mp.name, use.fetched_blobs, use.fetched_bytes, use.ignored, use.errors, extra=_extra(mp))
+                return
+            if not record:
+                use.state = "none"
+                watch.stop("no profile")
+                return
+            use.state = "recording"
+            await watch.done.wait()
+    finally:
+        if mp.watch is watch and not watch.active:
+            mp.watch = None
+    if watch.reason == "replaced" or not watch.items:
+        use.state = "none"
+        return
+    recorded = watch.profile()
+    use.written = await to_grid(fetcher, mp, recorded)
+    use.items, use.state = len(recorded.items), "recorded"
+    log.info("mount %s: recorded a startup profile of %d items (%d bytes) in %.1fs (%s); written to %s", mp.name,
+             len(recorded.items), recorded.data_bytes, watch.seconds, watch.reason,
+             ", ".join(use.written) or "no grid cache", extra=_extra(mp))
