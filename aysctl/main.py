@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("ays", metavar="ID", help="ays id or mount name")
     rec.add_argument("-o", "--output", required=True, metavar="FILE", help="profile file to write")
     rec.add_argument("--idle", type=_seconds, default=None, metavar="SECONDS",
-                     help="the start has ended after this long without a new read (default: profile_idle, 5)")
+                     help="the start has ended after this long without a new blob needed (default: profile_idle, 5)")
     rec.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
                      help="give up waiting for the start after this long; end a longer recording (default 600)")
     rec.set_defaults(func=commands.cmd_profile_record)

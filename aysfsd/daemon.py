@@ -217,7 +217,7 @@ class Daemon:
             cold = not self.cache.has(ref.root)
             self.ops.set_ref(mp, ref)
             if cold:
-                self.start_profile(mp, ref)
+                self.start_profile(mp, ref, self.arm_profile(mp, ref))
 
     # -- mounts -------------------------------------------------------------------------------
 
@@ -242,6 +242,7 @@ class Daemon:
         self._checked[mp.name] = time.monotonic()
         cold = not self.cache.has(ref.root)  # the version's first start on this node
         self.ops.set_ref(mp, ref)
+        watch = self.arm_profile(mp, ref) if cold else None  # before the mount can be read
         if mp.cfg.debug and self._session_ro:
             await sysmount.remount_rw(self.fuse_root)
             self._session_ro = False
@@ -259,8 +260,8 @@ class Daemon:
             # after FUSE INIT (a bind mount needed it), which caps read-ahead at the 128 KiB default
             self._read_ahead_set = sysmount.set_read_ahead(self.fuse_root, READ_AHEAD_KB)
         mp.state, mp.error = "up", ""
-        if cold:
-            self.start_profile(mp, ref)
+        if watch is not None:
+            self.start_profile(mp, ref, watch)
         self.start_prefetch(mp)
         log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
                  extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
@@ -479,9 +480,15 @@ class Daemon:
                            "path": path, "hash": md5, "message": f"{path} {md5 or 'removed'}"}
             first_round = False
 
-    def start_profile(self, mp: MountPoint, ref: Ref) -> None:
-        """On a cold start of a version: use a startup profile, or record one for the grid."""
-        if mp.cfg.debug or self.nursery is None:
+    def arm_profile(self, mp: MountPoint, ref: Ref) -> StartWatch | None:
+        """On a cold start of a version: watch it from its first need (see start_profile)."""
+        if mp.cfg.debug:
+            return None
+        return profiles.arm(self.fetcher, mp, ref, self.cfg.main.profile_idle)
+
+    def start_profile(self, mp: MountPoint, ref: Ref, watch: StartWatch | None) -> None:
+        """Use a startup profile for the version, or record one for the grid."""
+        if watch is None or self.nursery is None:
             return
         old = self._profile_scopes.pop(mp.name, None)
         if old is not None:
@@ -492,7 +499,7 @@ class Daemon:
         async def job() -> None:
             with scope:
                 try:
-                    await profiles.cold_start(self.ops, mp, ref, trusted=trusted, idle=self.cfg.main.profile_idle,
+                    await profiles.cold_start(self.ops, mp, ref, watch, trusted=trusted,
                                               timeout=self.cfg.main.fetch_timeout)
                 except Exception:
                     log.exception("mount %s: startup profile failed", mp.name,

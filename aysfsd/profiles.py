@@ -154,14 +154,21 @@ async def _place(ops: Operations, mp: MountPoint, root: str, item: Item) -> tupl
     return None
 
 
+Target = tuple[str, str, int, list[tuple[str, int, int]]]  # (blob or pack, item hash, bytes, pack members)
+
+
 async def play(ops: Operations, mp: MountPoint, profile: Profile, use: ProfileUse) -> None:
     """Fetch the blobs a profile names, in its order, WINDOW at a time; items the tree does not
-    name at their place are ignored with a log line."""
+    name at their place are ignored with a log line.
+
+    One task resolves the items in order through the tree (starting each directory object's
+    load as soon as its place is checked) and hands the blobs to WINDOW fetchers in that
+    order: what the stor sees is the profile's order, however long each fetch takes."""
     fetcher = ops.fetcher
     cfg = mp.cfg
     root = profile.root
-    started: set[str] = set()  # blobs and packs asked for already
-    send, recv = trio.open_memory_channel[tuple[int, Item]](0)  # a worker takes the next item when free
+    started: set[str] = set()  # directory objects, blobs and packs asked for already
+    send, recv = trio.open_memory_channel[Target](0)  # a fetcher takes the next blob when free
 
     def ignore(n: int, item: Item, why: str) -> None:
         use.ignored += 1
@@ -171,74 +178,100 @@ async def play(ops: Operations, mp: MountPoint, profile: Profile, use: ProfileUs
         elif use.ignored == LOGGED_IGNORED + 1:
             log.warning("mount %s: more profile items ignored (counted in the status)", mp.name, extra=_extra(mp))
 
-    async def one(n: int, item: Item) -> None:
-        place = await _place(ops, mp, root, item)
-        if place is None:
-            return ignore(n, item, "no such path in this version")
-        e, entries = place
+    def failed(what: str, e: Exception) -> None:
+        use.errors += 1
+        log.warning("mount %s: profile %s: %s", mp.name, what, e, extra=_extra(mp))
+
+    async def load(h: str, path: str) -> None:
+        try:
+            await ops.load_dir(h, grid=cfg.cache_grid)
+        except (FetchError, pyfuse3.FUSEError) as e:
+            failed(f"directory {path!r}", e)
+
+    def target(n: int, item: Item, e: Entry, entries: list[Entry], dirs: trio.Nursery) -> Target | None:
+        """What to fetch for an item whose place is known, None when nothing (or ignored)."""
         if item.index == DIR_INDEX:
             if e.kind != KIND_DIR or e.hash != item.hash:
-                return ignore(n, item, "the tree names another directory object there")
-            if item.hash not in started:
+                ignore(n, item, "the tree names another directory object there")
+            elif item.hash not in started:
                 started.add(item.hash)
-                await ops.load_dir(item.hash, grid=cfg.cache_grid)
-            return
+                dirs.start_soon(load, item.hash, item.path)
+            return None
         pieces = e.blobs()
         if e.kind != KIND_FILE or item.index >= len(pieces) or pieces[item.index] != (item.hash, item.size):
-            return ignore(n, item, "the tree names another blob (or size) there")
+            ignore(n, item, "the tree names another blob (or size) there")
+            return None
         if item.index == 0 and e.pack:
             if e.pack in started or not fetcher.missing(item.hash):
-                return
+                return None
             started.add(e.pack)
-            members = pack_members(entries, KIND_FILE).get(e.pack, [])
-            await fetcher.get_pack(e.pack, members, local=cfg.cache_local, grid=cfg.cache_grid,
-                                   account=mp.bytes_by_tier)
-            use.fetched_blobs += 1
-            use.fetched_bytes += e.pack_size
-            return
+            return e.pack, item.hash, e.pack_size, pack_members(entries, KIND_FILE).get(e.pack, [])
         if item.hash in started or not fetcher.missing(item.hash):
-            return
+            return None
         started.add(item.hash)
-        await fetcher.get(item.hash, local=cfg.cache_local, grid=cfg.cache_grid, account=mp.bytes_by_tier)
-        use.fetched_blobs += 1
-        use.fetched_bytes += item.size
+        return item.hash, item.hash, item.size, []
 
-    async def feed() -> None:
-        async with send:
+    async def resolve() -> None:
+        async with send, trio.open_nursery() as dirs:
             for n, item in enumerate(profile.items):
-                await send.send((n, item))
-
-    async def worker(recv: trio.MemoryReceiveChannel[tuple[int, Item]]) -> None:
-        async with recv:
-            async for n, item in recv:
                 try:
-                    await one(n, item)
+                    place = await _place(ops, mp, root, item)
                 except (FetchError, pyfuse3.FUSEError) as e:
-                    use.errors += 1
-                    log.warning("mount %s: profile item %d (%r): %s", mp.name, n, item.path, e, extra=_extra(mp))
+                    failed(f"item {n} ({item.path!r})", e)
+                    continue
+                if place is None:
+                    ignore(n, item, "no such path in this version")
+                    continue
+                t = target(n, item, place[0], place[1], dirs)
+                if t is not None:
+                    await send.send(t)
+
+    async def fetch(recv: trio.MemoryReceiveChannel[Target]) -> None:
+        async with recv:
+            async for h, item_hash, size, members in recv:
+                try:
+                    if members:
+                        await fetcher.get_pack(h, members, local=cfg.cache_local, grid=cfg.cache_grid,
+                                               account=mp.bytes_by_tier)
+                    else:
+                        await fetcher.get(h, local=cfg.cache_local, grid=cfg.cache_grid, account=mp.bytes_by_tier)
+                except FetchError as e:
+                    failed(f"blob {item_hash}", e)
+                    continue
+                use.fetched_blobs += 1
+                use.fetched_bytes += size
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(feed)
+        nursery.start_soon(resolve)
         for _ in range(WINDOW):
-            nursery.start_soon(worker, recv.clone())
+            nursery.start_soon(fetch, recv.clone())
         await recv.aclose()
 
 
 # -- a cold start -------------------------------------------------------------------------------
 
 
-async def cold_start(ops: Operations, mp: MountPoint, ref: Ref, *, trusted: list[str], idle: float,
-                     timeout: float) -> None:
-    """Find and play a profile for `ref`'s version, or record one for the grid (see the module
-    docstring). Runs in the background from the moment the mount shows the version."""
-    fetcher = ops.fetcher
-    use = mp.profile = ProfileUse(ref.root)
+def arm(fetcher: Fetcher, mp: MountPoint, ref: Ref, idle: float) -> StartWatch:
+    """Watch the start of `ref`'s version from its first need: call it before the mount can be
+    read (cold_start then decides whether the watch records or measures)."""
     record = mp.cfg.cache_grid and any(g.writable for g in fetcher.grid)
-    # armed before looking, so that nothing the start needs meanwhile is missed
-    watch = use.watch = StartWatch(ref.root, idle=idle, timeout=RECORD_SECONDS, record=record)
+    watch = StartWatch(ref.root, idle=idle, timeout=RECORD_SECONDS, record=record)
     if mp.watch is not None:
         mp.watch.stop("replaced")
     mp.watch = watch
+    mp.profile = ProfileUse(ref.root, watch=watch)
+    return watch
+
+
+async def cold_start(ops: Operations, mp: MountPoint, ref: Ref, watch: StartWatch, *, trusted: list[str],
+                     timeout: float) -> None:
+    """Find and play a profile for `ref`'s version, or record one for the grid (see the module
+    docstring), with the watch `arm` gave. Runs in the background once the mount is up."""
+    fetcher = ops.fetcher
+    use = mp.profile
+    if use is None or use.watch is not watch:
+        return  # armed again since
+    record = watch.record
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch.run)

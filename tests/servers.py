@@ -334,7 +334,8 @@ events {{
 
 http {{
     default_type application/octet-stream;
-    access_log {_nq(self.access_log) if self.access_log else "off"};
+    log_format started '$msec $request_time "$request" $status';
+    access_log {_nq(self.access_log) + " started" if self.access_log else "off"};
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -352,16 +353,17 @@ http {{
         )
 
     def requests(self, method: str = "GET") -> list[str]:
-        """The paths of the `method` requests served so far, in order (needs access_log=True)."""
+        """The paths of the `method` requests served so far, in the order they began (nginx logs
+        a request when it ends: its start is that time less its duration; needs access_log=True)."""
         assert self.access_log is not None, "started without access_log"
-        out = []
+        out: list[tuple[float, int, str]] = []
         if self.access_log.exists():
-            for line in self.access_log.read_text().splitlines():
+            for n, line in enumerate(self.access_log.read_text().splitlines()):
                 parts = line.split('"')
-                req = parts[1].split() if len(parts) > 1 else []
-                if len(req) == 3 and req[0] == method:
-                    out.append(req[1])
-        return out
+                times, req = parts[0].split(), parts[1].split() if len(parts) > 1 else []
+                if len(req) == 3 and req[0] == method and len(times) == 2:
+                    out.append((float(times[0]) - float(times[1]), n, req[1]))
+        return [path for _, _, path in sorted(out)]
 
     def _command(self) -> list[str]:
         return ["nginx", "-p", f"{self.workdir}/", "-e", str(self.error_log), "-c", str(self.conf_path)]
