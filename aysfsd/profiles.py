@@ -309,6 +309,7 @@ async def cold_start(ops: Operations, mp: MountPoint, ref: Ref, watch: StartWatc
         use.state = "none"
         return
     recorded = watch.profile()
+    watch.items = []  # kept as `recorded` until written; the status keeps the count
     use.written = await to_grid(fetcher, mp, recorded)
     use.items, use.state = len(recorded.items), "recorded"
     log.info("mount %s: recorded a startup profile of %d items (%d bytes) in %.1fs (%s); written to %s", mp.name,

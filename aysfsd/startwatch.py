@@ -88,6 +88,7 @@ class StartWatch:
             self.ended = time.monotonic()
             self.done.set()
             self._wake.set()
+            self._seen = set()  # only the counts and the recorded items are kept
 
     def profile(self) -> Profile:
         return Profile(self.root, tuple(self.items))
