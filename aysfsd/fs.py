@@ -205,6 +205,12 @@ class Operations(DebugWrites, pyfuse3.Operations):
         entries, _ = await self.load_dir(h, grid=grid, ahead=False)
         await self.trees.wait(h)
         self._subdirs_ahead(entries, grid)
+
+    async def load_root(self, h: str, grid: bool = True) -> tuple[list[Entry], NameIndex]:
+        """A version's root directory, loaded as a mount's first lookup loads it (tree packs)."""
+        await self._load_top(h, grid)
+        return await self.load_dir(h, grid=grid)
+
     # -- start watches (see aysfsd.startwatch) -------------------------------------------------
 
     def _need(self, node: Node, index: int, h: str, size: int) -> None:

@@ -138,7 +138,7 @@ async def _place(ops: Operations, mp: MountPoint, root: str, item: Item) -> tupl
     entry is the directory's own); None when the tree has nothing there."""
     grid = mp.cfg.cache_grid
     parts = item.parts()
-    entries, index = await ops.load_dir(root, grid=grid)
+    entries, index = await ops.load_root(root, grid=grid)
     if not parts:
         return Entry("", KIND_DIR, 0, 0, 0, hash=root), entries
     for n, name in enumerate(parts):
