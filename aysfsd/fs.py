@@ -447,8 +447,6 @@ class Operations(DebugWrites, pyfuse3.Operations):
             if node.dbg is None and node.entry.size:
                 h, size = node.entry.blobs()[0]
                 self._need(node, 0, h, size)
-            if node.dbg is None and node.entry.size and node.entry.size <= SIBLING_MAX_SIZE:
-                await self._fetch_siblings(node)
         fh = self._next_fh
         self._next_fh += 1
         self.open_files[fh] = of
@@ -457,14 +455,14 @@ class Operations(DebugWrites, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=not editable, direct_io=False)
 
     async def _fetch_siblings(self, node: Node) -> None:
-        """On a cache miss of a small file, fetch its small siblings too: programs read a
-        directory's files one after the other (imports, tar, cp), and from a remote stor each
-        one alone would cost a round trip. Packed files come with their directory's packs; in
-        a tree published without packs the small siblings are fetched in parallel."""
+        """On a cache miss of a small file (its first read), fetch its small siblings too:
+        programs read a directory's files one after the other (imports, tar, cp), and from a
+        remote stor each one alone would cost a round trip. Packed files come with their
+        directory's packs; in a tree published without packs the small siblings are fetched
+        in parallel. Called from the read path, not open(): with no OPEN requests (kernel
+        no_open mode) a read is the first the daemon hears of a file's content."""
         parent = self.nodes.get(node.parent)
         if parent is None or not parent.entry.hash or parent.siblings_fetched:
-            return
-        if self.cache.has(node.entry.hash):
             return
         cfg = parent.mount.cfg
         entries, _ = await self.load_dir(parent.entry.hash, grid=cfg.cache_grid)
@@ -524,6 +522,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
             data: bytes | memoryview | None = self.cache.get_range(h, coff, n)
             if data is None:
                 mp.misses += 1
+                if of.dbg is None and 0 < e.size <= SIBLING_MAX_SIZE:
+                    await self._fetch_siblings(of.node)
                 try:
                     blob = await self.fetcher.get(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
                                                   account=mp.bytes_by_tier)
