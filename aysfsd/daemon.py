@@ -66,6 +66,12 @@ def _sources(cfg: Config) -> tuple[list[Source], list[Source]]:
     return grid, stors
 
 
+def fuse_patched() -> bool:
+    """Whether pyfuse3 has aysfs's patch (packaging/pyfuse3/): READ and READDIR name the inode
+    when the kernel sends no handle, and symlinks may be cached."""
+    return getattr(pyfuse3, "NO_OPEN_PATCH", 0) >= 1
+
+
 class Daemon:
     def __init__(self, config_path: str, cfg: Config) -> None:
         self.config_path = config_path
@@ -91,6 +97,12 @@ class Daemon:
         # keeps file attributes across reads (on a writable one every READ marks atime stale,
         # and the next stat costs a GETATTR request per file)
         self._session_ro = not any(a.debug for a in cfg.ays)
+        # Kernel no_open/no_opendir mode (no OPEN, RELEASE, OPENDIR, READDIR once cached; see
+        # aysfsd.fs) needs the patched pyfuse3 and is chosen per session, at its start: the kernel
+        # cannot leave it. A session started with a debug mount keeps OPEN and RELEASE (its writes
+        # are held per open file and recorded at close, errors reported by close()); a debug
+        # mount added later by a reload records every write at once (aysfsd.fs_debug).
+        self.ops.no_open = fuse_patched() and self._session_ro
         self.debug_log = self._debug_log
         # restart without unmounting (aysfsd.handover): "" stop for good, "exit" leave the FUSE
         # connection in systemd's fd store, "exec" re-execute this program with it
@@ -639,6 +651,8 @@ class Daemon:
             os.makedirs(self.fuse_root, mode=0o755, exist_ok=True)
         self.ops.journal = journal
         journal.compact = self.ops.snapshot
+        if resume is None:
+            journal.session(self.ops.no_open)  # a resumed session keeps its mode (see Operations.adopt)
         if resume is not None:
             self.ops.on_init = resume.finish
             pyfuse3.init(self.ops, resume.mountpoint(), options)
@@ -674,7 +688,13 @@ class Daemon:
         if self._session_ro:
             options.add("ro")
         self._start_session(options)
-        log.info("FUSE session at %s", self.fuse_root)
+        if self.ops.no_open:
+            mode = "no_open (kernel caches pages and listings: no OPEN/RELEASE/READDIR per file)"
+        elif fuse_patched():
+            mode = "open/release per file (a debug mount at start)"
+        else:
+            mode = "open/release per file (pyfuse3 without aysfs's patch: every open and listing is a request)"
+        log.info("FUSE session at %s, pyfuse3 %s, %s", self.fuse_root, pyfuse3.__version__, mode)
         try:
             async with trio.open_nursery() as n:
                 self.nursery = n

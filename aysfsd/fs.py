@@ -7,6 +7,12 @@ forgets them. Content under a hash never changes, so entries, attributes and pag
 cache are kept by the kernel for a long time (`keep_cache`); a new version swaps the
 mount top's tree and invalidates the top's entries, so new lookups see new inodes
 while open files keep reading the blobs they were opened on.
+
+With aysfs's patched pyfuse3 (`no_open`, see packaging/pyfuse3/) open and opendir answer
+ENOSYS: the kernel then sends no OPEN, RELEASE, OPENDIR or RELEASEDIR for the whole
+connection, keeps every file's page cache and caches directory listings, and READ and
+READDIR name the inode instead of a file handle. An inode's content never changes (a new
+version is new inodes), so nothing the kernel keeps can show another version's bytes.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    cache_symlinks = True  # patched pyfuse3: a symlink's target is fixed for its inode
 
     def __init__(self, fetcher: Fetcher, cache: LocalCache) -> None:
         super().__init__()
@@ -81,6 +88,12 @@ class Operations(DebugWrites, pyfuse3.Operations):
         self._debug_mtimes = {}
         self.journal: Journal = Journal()  # what the next daemon needs to resume (aysfsd.handover)
         self.on_init: Callable[[], None] | None = None  # resuming a session: called on FUSE INIT
+        self._root_mtime = int(self.started * 1e9)
+        # kernel no_open/no_opendir mode (set by the daemon before the session starts): handles
+        # are inodes, and big files keep their read-ahead state here instead of in an open file
+        self.no_open = False
+        self._readers: dict[int, OpenFile] = {}
+        self._writers: dict[int, OpenFile] = {}
         cache.set_pinned(self.pinned_blobs)
 
     def init(self) -> None:
@@ -98,11 +111,14 @@ class Operations(DebugWrites, pyfuse3.Operations):
         self.open_files.update(state.open_files)
         self._next_ino = max(self._next_ino, state.next_ino)
         self._next_fh = max(self._next_fh, state.next_fh)
+        # the kernel keeps the connection's mode: answer as the previous process did (a session
+        # it ran with OPEN stays so; with no_open, READ names inodes and no OPEN will come)
+        self.no_open = bool(state.no_open)
 
     def snapshot(self) -> Iterator[bytes]:
         """The state a graceful hand-over passes on (see aysfsd.statejournal)."""
         return snapshot_lines(list(self.mounts.values()), self.nodes, self.open_files,
-                              self._next_ino, self._next_fh)
+                              self._next_ino, self._next_fh, self.no_open)
 
     def cached_entries(self, h: str) -> list[Entry] | None:
         """A directory object's entries from memory or the local cache, without fetching."""
@@ -118,6 +134,12 @@ class Operations(DebugWrites, pyfuse3.Operations):
             log.error("%s", e, extra={"BLOB": h})
             return None
 
+    @property
+    def no_atomic_o_trunc(self) -> bool:
+        """Read by the patched pyfuse3 at session start: in no_open mode there is no OPEN to
+        carry O_TRUNC, so the kernel must send it as a SETATTR (a debug mount's `> file`)."""
+        return self.no_open
+
     # -- mounts -------------------------------------------------------------------------------
 
     def _new_ino(self) -> int:
@@ -130,7 +152,16 @@ class Operations(DebugWrites, pyfuse3.Operations):
         self.mounts[cfg.name] = mp
         self.nodes[mp.top_ino] = Node(mp.top_ino, mp, mp.top_entry(), ROOT_INO, lookups=1)
         self.journal.mount(mp)
+        self._root_changed()
         return mp
+
+    def _root_changed(self) -> None:
+        """The list of mounts changed: a new mtime and no cached listing of the session root."""
+        self._root_mtime = max(time.time_ns(), self._root_mtime + 1)
+        try:
+            pyfuse3.invalidate_inode(ROOT_INO, attr_only=False)
+        except (OSError, RuntimeError):
+            pass  # no session yet, or the kernel has nothing cached
 
     def remove_mount(self, name: str, notify_kernel: bool = True) -> None:
         mp = self.mounts.pop(name, None)
@@ -143,6 +174,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
             top.lookups = 0
         if notify_kernel:
             pyfuse3.invalidate_entry_async(ROOT_INO, name.encode(), ignore_enoent=True)
+            self._root_changed()
 
     def set_ref(self, mp: MountPoint, ref: Ref) -> None:
         """Switch a mount to another version: new lookups see it, open files keep theirs."""
@@ -163,7 +195,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 pass
 
     def pinned_blobs(self) -> list[str]:
-        return [h for of in list(self.open_files.values()) for h, _ in of.entry.blobs()]
+        return [h for of in list(self.open_files.values()) + list(self._readers.values())
+                for h, _ in of.entry.blobs()]
 
     # -- tree access --------------------------------------------------------------------------
 
@@ -320,7 +353,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         return a
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
-        e = Entry("", KIND_DIR, 0o755, 0, int(self.started * 1e9))
+        e = Entry("", KIND_DIR, 0o755, 0, self._root_mtime)
         return self._attr(ROOT_INO, e, TOP_TIMEOUT)
 
     def _node_attr(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -383,6 +416,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 if node.lookups <= 0 and node.ino != node.mount.top_ino:
                     del self.nodes[ino]
                     self.journal.dropped(ino)
+                    self._readers.pop(ino, None)
+                    self._writers.pop(ino, None)
                     parent = self.nodes.get(node.parent)
                     if parent is not None and parent.children is not None:
                         if parent.children.get(node.entry.name) == ino:
@@ -392,29 +427,52 @@ class Operations(DebugWrites, pyfuse3.Operations):
 
     @guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # for good: the kernel caches listings
         if inode != ROOT_INO:
             node = self._node(inode)
             if node.entry.kind != KIND_DIR:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    def _dots(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> bool:
+        """`.` and `..` at offsets 0 and 1, as a POSIX directory lists them (no lookup count:
+        the kernel takes none for them). False when the reply is full."""
+        if start_id > 1:
+            return True
+        if fh == ROOT_INO:
+            dot = up = self._root_attr()
+        else:
+            node = self._node(fh)
+            dot = self._node_attr(node)
+            parent = self.nodes.get(node.parent)
+            up = self._node_attr(parent) if parent is not None else self._root_attr()
+        if start_id == 0 and not pyfuse3.readdir_reply(token, b".", dot, 1):
+            return False
+        return pyfuse3.readdir_reply(token, b"..", up, 2)
+
     @guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # fh is the inode: opendir returns it, and in no_opendir mode pyfuse3 passes it
+        if fh != ROOT_INO:
+            parent = self._node(fh)
+            if parent.mount.overlay is not None:
+                listing = await self._entries(parent)
+            else:
+                listing = [(e, None, None) for e in (await self._dir_of(parent))[0]]
+        if not self._dots(fh, start_id, token):
+            return
         if fh == ROOT_INO:
             mounts = sorted(self.mounts.values(), key=lambda m: m.name)
-            for i, mp in enumerate(mounts[start_id:], start_id):
+            for i in range(max(start_id, 2), len(mounts) + 2):
+                mp = mounts[i - 2]
                 node = self.nodes[mp.top_ino]
                 if not pyfuse3.readdir_reply(token, mp.name.encode(), self._node_attr(node), i + 1):
                     return
                 node.lookups += 1
             return
-        parent = self._node(fh)
-        if parent.mount.overlay is not None:
-            listing = await self._entries(parent)
-        else:
-            listing = [(e, None, None) for e in (await self._dir_of(parent))[0]]
-        for i in range(start_id, len(listing)):
-            entry, dbg, tree_entry = listing[i]
+        for i in range(max(start_id, 2), len(listing) + 2):
+            entry, dbg, tree_entry = listing[i - 2]
             node = self._child(parent, entry, dbg, tree_entry)
             name = entry.name.encode("utf-8", "surrogateescape")
             if not pyfuse3.readdir_reply(token, name, self._node_attr(node), i + 1):
@@ -434,6 +492,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
 
     @guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # for good: no OPEN/RELEASE, page cache kept
         node = self._node(inode)
         if node.entry.kind != KIND_FILE:
             raise pyfuse3.FUSEError(errno.EISDIR if node.entry.kind == KIND_DIR else errno.EINVAL)
@@ -487,7 +547,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]  # pyfuse3 takes any buffer
-        of = self.open_files.get(fh)
+        of = self._reader(fh) if self.no_open else self.open_files.get(fh)
         if of is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if of.buf is not None:
@@ -501,6 +561,20 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO)
             of.entry, of.dbg = of.node.tree_entry, None  # redis down: the published version
         return await self._read_tree(of, off, size)
+
+    def _reader(self, ino: int) -> OpenFile:
+        """no_open mode: what an open file would be, for the inode a READ names. Kept for files
+        of several chunks (their read-ahead state), made anew for the others (no state)."""
+        of = self._readers.get(ino)
+        if of is not None:
+            return of
+        node = self._node(ino)
+        if node.entry.kind != KIND_FILE:
+            raise pyfuse3.FUSEError(errno.EISDIR if node.entry.kind == KIND_DIR else errno.EINVAL)
+        of = OpenFile(node, node.entry, dbg=node.dbg)
+        if node.dbg is None and node.entry.size > CHUNK_SIZE:
+            self._readers[ino] = of
+        return of
 
     async def _read_tree(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
         e, mp = of.entry, of.node.mount
@@ -574,13 +648,15 @@ class Operations(DebugWrites, pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
+    # No extended attributes: ENOSYS makes the kernel answer EOPNOTSUPP itself from then on
+    # (ls, cp -a, SELinux/capability probes) instead of asking per file.
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return []
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # everything that would change the tree (debug mode's writes are in DebugWrites)
     mknod = mkdir = rmdir = symlink = link = setxattr = removexattr = erofs  # type: ignore[assignment]

@@ -3,6 +3,11 @@
 A file opened for writing is held in memory and recorded in Redis (one transaction)
 when it is flushed or closed; a failed record is EIO at close(), with a log line, and
 the previous version stays. Everything else on a debug mount stays read-only (EROFS).
+
+In a session in kernel no_open mode (started without debug mounts, one added later by a
+reload) there is no OPEN, RELEASE or FLUSH to hold and record a file by: every WRITE is
+recorded at once (the file's whole new content, one transaction), and a failed record is
+EIO at write() instead of close().
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class DebugWrites:
     nodes: dict[int, Node]
     mounts: dict[str, MountPoint]
     open_files: dict[int, OpenFile]
+    no_open: bool
+    _writers: dict[int, OpenFile]  # no_open mode: the last recorded content by inode
     _next_fh: int
     _node: Any
     _child: Any
@@ -165,9 +172,32 @@ class DebugWrites:
 
     @guarded
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if self.no_open:
+            return await self._write_through(fh, off, buf)
         of = self.open_files.get(fh)
         if of is None or of.buf is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        return self._apply(of, off, buf)
+
+    async def _write_through(self, ino: int, off: int, buf: bytes) -> int:
+        """no_open mode: a WRITE names the inode; the content is recorded right away."""
+        node = self._node(ino)
+        if node.entry.kind != KIND_FILE or not self._debug_path(node):
+            raise _erofs()
+        of = self._writers.get(ino)
+        if of is None or of.dbg is not node.dbg:  # first write, or changed since (truncate, rename)
+            of = OpenFile(node, node.entry, dbg=node.dbg, buf=bytearray(await self._current_bytes(node)))
+            self._writers[ino] = of
+        n = self._apply(of, off, buf)
+        try:
+            await self._commit(of)
+        except pyfuse3.FUSEError:
+            self._writers.pop(ino, None)  # its buffer holds what was not recorded
+            raise
+        return n
+
+    def _apply(self, of: OpenFile, off: int, buf: bytes) -> int:
+        assert of.buf is not None
         end = off + len(buf)
         if end > MAX_DEBUG_FILE:
             raise pyfuse3.FUSEError(errno.EFBIG)
@@ -180,6 +210,8 @@ class DebugWrites:
 
     @guarded
     async def flush(self, fh: int) -> None:
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # writes are recorded as they come: nothing to flush
         of = self.open_files.get(fh)
         if of is not None and of.dirty:
             await self._commit(of)
@@ -191,6 +223,8 @@ class DebugWrites:
 
     @guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if self.no_open:
+            return  # recorded at every write
         of = self.open_files.get(fh)
         if of is not None and of.dirty:
             await self._commit(of)
@@ -209,6 +243,10 @@ class DebugWrites:
         node = self._child(parent, entry, st, tree)
         node.lookups += 1
         of = OpenFile(node, node.entry, dbg=st, buf=bytearray(), dirty=True)
+        if self.no_open:
+            # no RELEASE will come: recorded now, and the writes name the inode (handle 0)
+            await self._commit(of)
+            return pyfuse3.FileInfo(fh=0, keep_cache=False), self._node_attr(node)
         fh = self._next_fh
         self._next_fh += 1
         self.open_files[fh] = of

@@ -17,6 +17,7 @@ was verified against its hash when fetched), so the journal needs no trust of it
     {"mount": ...}            a mount top, where it is bound and its version (a JSON line)
     {"unmount": NAME}
     {"next_ino": N, "next_fh": N}   counters (snapshots)
+    {"session": {"no_open": B}}     the kernel mode the session runs in (see aysfsd.fs), for good
 
 A graceful hand-over writes a compact snapshot with exact lookup counts. After a crash the
 counts are unknown: restored nodes then live until the next restart (the kernel forgets
@@ -58,6 +59,7 @@ class Journal:
     def dropped(self, ino: int) -> None: ...
     def opened(self, fh: int, ino: int) -> None: ...
     def released(self, fh: int) -> None: ...
+    def session(self, no_open: bool) -> None: ...
 
 
 class StateJournal(Journal):
@@ -108,6 +110,9 @@ class StateJournal(Journal):
     def released(self, fh: int) -> None:
         self._put(b"c %d\n" % fh)
 
+    def session(self, no_open: bool) -> None:
+        self._write({"session": {"no_open": no_open}})
+
     def snapshot(self, lines: Iterable[bytes]) -> None:
         """Replace the journal with `lines` (a compact image of the live state)."""
         data = b"".join(lines)
@@ -153,6 +158,7 @@ class Restored:
     next_ino: int = 2
     next_fh: int = 1
     skipped: int = 0
+    no_open: bool | None = None  # the session's kernel mode; None: not recorded (open mode then)
 
 
 def _parse_node(line: bytes) -> tuple[int, int, str, int | None]:
@@ -200,6 +206,8 @@ def restore(lines: Iterable[bytes], configs: Sequence[AysConfig],
                     tops[str(rec["mount"])] = rec
                 elif "unmount" in rec:
                     tops.pop(str(rec["unmount"]), None)
+                elif "session" in rec:
+                    out.no_open = bool(rec["session"]["no_open"])
                 elif "next_ino" in rec:
                     out.next_ino = max(out.next_ino, int(rec["next_ino"]))
                     out.next_fh = max(out.next_fh, int(rec["next_fh"]))
@@ -254,8 +262,9 @@ def restore(lines: Iterable[bytes], configs: Sequence[AysConfig],
 
 
 def snapshot_lines(mounts: Iterable[MountPoint], nodes: dict[int, Node], open_files: dict[int, OpenFile],
-                   next_ino: int, next_fh: int) -> Iterator[bytes]:
+                   next_ino: int, next_fh: int, no_open: bool = False) -> Iterator[bytes]:
     """A compact image of the live state, exact lookup counts included."""
+    yield _line({"session": {"no_open": no_open}})
     yield _line({"next_ino": next_ino, "next_fh": next_fh})
     tops = set()
     for mp in mounts:

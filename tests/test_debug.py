@@ -225,3 +225,25 @@ def test_restart_saves_pending_writes_and_keeps_edits(work: Path, setup: tuple[P
             pending.flush()
         assert e.value.errno == errno.EBADF
         pending = None
+
+
+def test_debug_session_keeps_open_and_release(work: Path, setup: tuple[Path, Path, Path]) -> None:
+    """A session started with a debug mount is not in kernel no_open mode: its writes are held
+    per open file and recorded at close (errors reported by close())."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import fusetrace
+
+    if not fusetrace.available():
+        pytest.skip("no fuse tracepoints (Linux >= 6.15)")
+    src, cfg, mnt = setup
+    with Daemon(cfg, work / "d.log").start(wait_mounts=[mnt]) as d:
+        assert "no_open" not in d.log()
+        target = mnt / "lib" / "json" / "decoder.py"
+        out: list[fusetrace.Trace] = []
+        with fusetrace.traced(out, fusetrace.connection_of(mnt)):
+            target.write_bytes(b"X = 3\n")
+            assert target.read_bytes() == b"X = 3\n"
+        ops = {op.removeprefix("FUSE_"): s.count for op, s in out[0].ops.items()}
+        assert ops.get("OPEN", 0) >= 2 and ops.get("RELEASE", 0) >= 1, ops
