@@ -58,6 +58,7 @@ TREE_TIMEOUT = 86400.0  # content is immutable: let the kernel cache names and a
 TOP_TIMEOUT = 1.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 DIR_CACHE = 8192  # decoded directory objects kept in memory
+NAMES_CACHE = 256  # directories whose encoded names are kept for readdir
 SIBLING_MAX_SIZE = 256 * 1024  # small files of a directory are fetched together...
 SIBLING_MAX_FILES = 256  # ...up to this many at a time
 READAHEAD_CHUNKS = 2  # chunks a sequential reader has fetched ahead of it
@@ -93,6 +94,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         # are inodes, and big files keep their read-ahead state here instead of in an open file
         self.no_open = False
         self._readers: dict[int, OpenFile] = {}
+        self._names: OrderedDict[str, list[bytes]] = OrderedDict()  # encoded names of listed directories
         self._writers: dict[int, OpenFile] = {}
         cache.set_pinned(self.pinned_blobs)
 
@@ -459,7 +461,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
             if parent.mount.overlay is not None:
                 listing = await self._entries(parent)
             else:
-                listing = [(e, None, None) for e in (await self._dir_of(parent))[0]]
+                await self._readdir_tree(parent, start_id, token)
+                return
         if not self._dots(fh, start_id, token):
             return
         if fh == ROOT_INO:
@@ -478,6 +481,31 @@ class Operations(DebugWrites, pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._node_attr(node), i + 1):
                 return
             node.lookups += 1
+
+    async def _readdir_tree(self, parent: Node, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """A directory of the published tree: the reply comes from the decoded directory object
+        and its names encoded once (a big directory takes thousands of READDIRPLUS requests of a
+        page each; nothing per request may cost in proportion to the whole directory)."""
+        entries, _ = await self._dir_of(parent)
+        names = self._encoded_names(parent.entry.hash, entries)
+        if not self._dots(parent.ino, start_id, token):
+            return
+        child, attr, reply = self._child, self._node_attr, pyfuse3.readdir_reply
+        for i in range(max(start_id, 2), len(entries) + 2):
+            node = child(parent, entries[i - 2])
+            if not reply(token, names[i - 2], attr(node), i + 1):
+                return
+            node.lookups += 1
+
+    def _encoded_names(self, h: str, entries: list[Entry]) -> list[bytes]:
+        names = self._names.get(h)
+        if names is None:
+            names = self._names[h] = [e.name.encode("utf-8", "surrogateescape") for e in entries]
+            if len(self._names) > NAMES_CACHE:
+                self._names.popitem(last=False)
+        else:
+            self._names.move_to_end(h)
+        return names
 
     @guarded
     async def releasedir(self, fh: int) -> None:
