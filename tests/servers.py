@@ -8,6 +8,7 @@ the pytest fixtures are at the bottom of the module.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import http.client
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -570,6 +572,99 @@ LogLevel ERROR
             return False
         finally:
             client.close()
+
+
+# ---------------------------------------------------------------------------
+# a stor that misbehaves on purpose
+# ---------------------------------------------------------------------------
+
+
+class BadStor:
+    """A real HTTP server (threads, in this process) serving a stor directory read-only, that can
+    misbehave on the paths under `prefixes` (default: blobs): `mode` "ok", "trickle" (200, the
+    right length, then the body one byte every `interval` seconds), "silent" (accepts, reads the
+    request, never answers) or "html" (200 with an HTML page for every path). Every GET is
+    counted by path in `requests`. Settable while running."""
+
+    def __init__(self, root: Path, mode: str = "ok", interval: float = 0.5,
+                 prefixes: tuple[str, ...] = ("blobs/",)) -> None:
+        import http.server
+        import threading
+
+        self.root = root
+        self.mode = mode
+        self.interval = interval
+        self.prefixes = prefixes
+        self.requests: collections.Counter[str] = collections.Counter()
+        self._stop = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                rel = urllib.parse.unquote(self.path.lstrip("/"))
+                outer.requests[rel] += 1
+                mode = outer.mode if rel.startswith(outer.prefixes) else "ok"
+                if mode == "silent":
+                    outer._stop.wait(60)
+                    self.close_connection = True
+                    return
+                if mode == "html":
+                    body = b"<html><body>Welcome to our portal</body></html>\n"
+                else:
+                    path = outer.root / rel
+                    if ".." in rel.split("/") or not path.is_file():
+                        self.send_error(404)
+                        return
+                    body = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html" if mode == "html" else "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if mode != "trickle":
+                    self.wfile.write(body)
+                    return
+                for i in range(len(body)):
+                    if outer._stop.wait(outer.interval):
+                        break
+                    try:
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        break
+                self.close_connection = True
+
+        self._server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def blob_requests(self) -> int:
+        return sum(n for rel, n in self.requests.items() if rel.startswith("blobs/"))
+
+    def start(self) -> BadStor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+    def __enter__(self) -> BadStor:
+        return self.start()
+
+    def __exit__(self, *a: object) -> None:
+        self.stop()
 
 
 # ---------------------------------------------------------------------------

@@ -222,9 +222,16 @@ def test_failover_down_marking_and_recovery(tmp_path: Path, cache: LocalCache,
             await f.get(hs[2])
         assert trio.current_time() - t < 1.5
         assert "down" in str(e.value)
-        # the first stor comes back: the probe finds it at once, no waiting for DOWN_SECONDS
+        # the first stor comes back: the probe finds it at once, no waiting for DOWN_SECONDS...
         a.fail = None
-        assert await f.get(hs[2]) == blobs[2]
+        requests = a.fetches + b.fetches
+        # ...but the blob whose fetch just failed answers at once for FAILED_SECONDS (the kernel
+        # retries a failed READ at once): no request
+        with pytest.raises(FetchError) as again:
+            await f.get(hs[2])
+        assert str(again.value) == str(e.value) and a.fetches + b.fetches == requests
+        assert f.counters.errors_remembered == 1
+        assert await f.get(hs[3]) == blobs[3]
         assert not f.stors[0].is_down()
         # cached data is unaffected by sources being down
         a.fail = b.fail = "error"
@@ -253,7 +260,7 @@ def test_fetch_timeout_bounds_a_hanging_source(tmp_path: Path, cache: LocalCache
     with pytest.raises(FetchError, match="gave up after fetch_timeout 0.5s"):
         trio.run(f.get, h)
     assert time.monotonic() - t < 1.5
-    assert not f.stors[0].is_down()  # slow, not proven dead
+    assert f.stors[0].is_down()  # slow is a failure: it held the fetch to its end
 
 
 def test_background_waits_for_foreground(tmp_path: Path, cache: LocalCache) -> None:
@@ -404,3 +411,113 @@ def test_pack_that_does_not_deliver_costs_requests_not_data(tmp_path: Path, cach
     assert f.packs.is_bad(pack)  # not tried again at once...
     forever = f.packs.bad[pack] == float("inf")
     assert forever == (damage != "pack-unreachable")  # ...for good when corrupt, for a while when unreachable
+
+
+class HangingStore(CountingStore):
+    """Hangs on every fetch (a silent stor) and counts the fetches that were cancelled."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.cancelled = 0
+
+    async def fetch(self, rel: str) -> bytes | None:
+        self.fetches += 1
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_fetch_cancelled_when_its_last_reader_is_interrupted(tmp_path: Path, cache: LocalCache) -> None:
+    """An interrupted reader (its FUSE request cancelled) leaves its flight; the download is
+    cancelled when nobody else waits for it, and goes on while someone does."""
+    s = HangingStore(tmp_path / "s")
+    f = make(cache, [], [s], timeout=30.0)
+    h1, h2 = hashlib.sha256(b"one").hexdigest(), hashlib.sha256(b"two").hexdigest()
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            # one reader, interrupted: its download is cancelled at once
+            with trio.move_on_after(0.2) as reader:
+                reader.shield = False
+                async with trio.open_nursery() as r:
+                    scope = trio.CancelScope()
+
+                    async def read(h: str) -> None:
+                        with scope:
+                            await f.get(h)
+
+                    r.start_soon(read, h1)
+                    await trio.sleep(0.05)
+                    scope.cancel()  # what an INTERRUPT does to the request's handler
+            await trio.sleep(0.05)
+            assert s.fetches == 1 and s.cancelled == 1 and f.missing(h1)
+            # two readers of the same blob, one interrupted: the download goes on for the other
+            first, second = trio.CancelScope(), trio.CancelScope()
+            errors: list[str] = []
+
+            async def read2(scope: trio.CancelScope) -> None:
+                with scope:
+                    try:
+                        await f.get(h2)
+                    except FetchError as e:
+                        errors.append(str(e))
+
+            async with trio.open_nursery() as r:
+                r.start_soon(read2, first)
+                r.start_soon(read2, second)
+                await trio.sleep(0.05)
+                first.cancel()
+                await trio.sleep(0.05)
+                assert s.fetches == 2 and s.cancelled == 1 and not f.missing(h2)  # still in flight
+                second.cancel()
+            await trio.sleep(0.05)
+            assert s.cancelled == 2 and f.missing(h2) and not errors
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_source_answering_corrupt_blobs_is_marked_down(tmp_path: Path, cache: LocalCache) -> None:
+    """A source that keeps answering corrupt blobs (e.g. a portal's HTML page for every path) is
+    marked down after CORRUPT_DOWN of them in a row; a good answer in between resets the count."""
+    a, b = CountingStore(tmp_path / "a"), CountingStore(tmp_path / "b")
+    blobs = [payload(60 + i, 1000) for i in range(6)]
+    hs = [b.put(d) for d in blobs]
+    for h in hs:
+        a.path(h).parent.mkdir(parents=True, exist_ok=True)
+        a.path(h).write_bytes(b"<html>portal</html>")
+    a.put(blobs[0])  # one good copy
+    f = make(cache, [], [a, b])
+
+    async def main() -> None:
+        assert await f.get(hs[1]) == blobs[1]  # corrupt in a, from b
+        assert await f.get(hs[0]) == blobs[0]  # good in a: the run starts again
+        for h, d in zip(hs[2:2 + sources.CORRUPT_DOWN], blobs[2:], strict=False):
+            assert not f.stors[0].is_down()
+            assert await f.get(h) == d
+        assert f.stors[0].is_down() and f.stors[0].failures == 1
+        before = a.fetches
+        assert await f.get(hs[5]) == blobs[5]
+        assert a.fetches == before  # skipped while down
+
+    trio.run(main)
+
+
+def test_source_still_sending_at_fetch_timeout_is_marked_down(tmp_path: Path, cache: LocalCache) -> None:
+    """A source still transferring when the whole fetch runs out of fetch_timeout failed it: it is
+    marked down (like a dead one), and the error says why."""
+    s = HangingStore(tmp_path / "s")
+    f = make(cache, [], [s], timeout=0.3)
+    h = hashlib.sha256(b"x").hexdigest()
+
+    async def main() -> None:
+        with pytest.raises(FetchError) as e:
+            await f.get(h)
+        assert f"{s.url}: no complete answer within fetch_timeout 0.3s" in str(e.value)
+        assert f.stors[0].is_down() and f.stors[0].failures == 1
+
+    trio.run(main)

@@ -303,6 +303,7 @@ def test_stor_killed_mid_run_fails_over_then_all_down_gives_eio(work: Path, tree
                 assert p.read_bytes() == (tree / p.relative_to(mnt)).read_bytes()
             # a stor back up is used at once (down sources are probed when nothing else answers)
             b.start()
+            time.sleep(2.1)  # (a fetch that failed answers EIO at once for 2 s: the kernel's retry)
             p = logging_files[0]
             assert p.read_bytes() == (tree / p.relative_to(mnt)).read_bytes()
     finally:

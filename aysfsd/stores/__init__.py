@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from .base import Store, StoreError, StoreTimeout, check_rel
+from .base import LowSpeed, Store, StoreError, StoreSlow, StoreTimeout, check_rel, describe
 from .dir import DirStore
 from .http import HttpStore
 
-__all__ = ["DirStore", "HttpStore", "Store", "StoreError", "StoreTimeout", "check_rel", "open_store"]
+__all__ = ["DirStore", "HttpStore", "LowSpeed", "Store", "StoreError", "StoreSlow", "StoreTimeout", "check_rel",
+           "describe", "open_store"]
 
 
 def open_store(url: str, *, timeout: float = 10.0, proxy: str | None = None,

@@ -12,7 +12,7 @@ from typing import TypeVar
 import trio
 
 from ..compat import run_abandonable
-from .base import StoreError, StoreTimeout, check_rel
+from .base import LowSpeed, StoreError, StoreTimeout, check_rel
 
 T = TypeVar("T")
 
@@ -24,6 +24,7 @@ class DirStore:
         self.root = Path(root)
         self.url = url or root
         self.timeout = timeout  # a hung NFS server: the worker thread is abandoned after this
+        self.low_speed = LowSpeed(0)  # not applied: each operation is bounded by `timeout`
         self._limiter: trio.CapacityLimiter | None = None
 
     def _abs(self, rel: str) -> Path:

@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .base import StoreError, StoreTimeout, check_rel
+from .base import LowSpeed, Progress, StoreError, StoreTimeout, check_rel, describe, within_low_speed
 
 
 def _client_kwargs(timeout: float, proxy: str | None) -> dict[str, object]:
@@ -41,7 +41,7 @@ _larger_http_reads()
 def _http_error(where: str, e: httpx.HTTPError) -> StoreError:
     if isinstance(e, httpx.TimeoutException):
         return StoreTimeout(f"{where}: timed out ({type(e).__name__})")
-    return StoreError(f"{where}: {e!r}")
+    return StoreError(f"{where}: {describe(e)}")
 
 
 class HttpStore:
@@ -51,6 +51,7 @@ class HttpStore:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.proxy = proxy
+        self.low_speed = LowSpeed()
         self._kw = _client_kwargs(timeout, proxy)
         self._sync: httpx.Client | None = None
         self._async: httpx.AsyncClient | None = None
@@ -118,8 +119,21 @@ class HttpStore:
             self._sync = None
 
     async def fetch(self, rel: str) -> bytes | None:
+        """The body, received under the low-speed limit (each read is bounded by `timeout`)."""
+        return await within_low_speed(self.low_speed, f"{self.url}: GET {rel}",
+                                      lambda p: self._get_streamed(rel, p))
+
+    async def _get_streamed(self, rel: str, p: Progress) -> bytes | None:
         try:
-            return self._answer(rel, await self._aclient().get(self._u(rel)))
+            async with self._aclient().stream("GET", self._u(rel)) as r:
+                if r.status_code != 200:
+                    return self._answer(rel, r)
+                p.started = True
+                parts = []
+                async for part in r.aiter_bytes():
+                    parts.append(part)
+                    p.bytes += len(part)
+                return parts[0] if len(parts) == 1 else b"".join(parts)
         except httpx.HTTPError as e:
             raise _http_error(f"{self.url}: GET {rel}", e) from e
 

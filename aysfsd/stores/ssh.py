@@ -27,13 +27,14 @@ import paramiko
 import trio
 
 from ..compat import run_abandonable
-from .base import StoreError, StoreTimeout, check_rel
+from .base import LowSpeed, Progress, StoreError, StoreTimeout, check_rel, describe, within_low_speed
 
 log = logging.getLogger("aysfsd.ssh")
 
 T = TypeVar("T")
 
 _STATUS_ERRNOS = (None, errno.ENOENT, errno.EACCES)
+READ_PIECE = 1 << 20  # bytes per read of a fetched file (the low-speed limit counts them)
 
 
 class _UnknownHostKey(paramiko.SSHException):
@@ -105,18 +106,6 @@ def _is_status_error(e: BaseException) -> bool:
             and e.errno in _STATUS_ERRNOS)
 
 
-def _describe(e: BaseException) -> str:
-    if isinstance(e, EOFError) and not str(e):
-        return "connection closed by the server"
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    if isinstance(e, OSError) and e.strerror:
-        text = e.strerror  # str() would add "[Errno N] "
-    else:
-        text = str(e) or e.__class__.__name__
-    return f"{text} ({e.__class__.__name__})" if text != e.__class__.__name__ else text
-
-
 class SshStore:
     """A stor or grid cache on an SSH server, read and written with SFTP."""
 
@@ -143,6 +132,7 @@ class SshStore:
         self.key = key
         self.known_hosts = known_hosts
         self.accept_unknown_host = accept_unknown_host
+        self.low_speed = LowSpeed()
         self.peak_connections = 0  # highest number of simultaneously open connections
         self.connects = 0  # connections opened so far
         self._cond = threading.Condition()
@@ -194,10 +184,10 @@ class SshStore:
                                  "(server reinstalled, or someone in the middle?)") from e
             if isinstance(e, paramiko.AuthenticationException):
                 how = f"key {self.key}" if self.key else "default keys/agent"
-                raise StoreError(f"{where}: ssh authentication failed for {who} with {how}: {_describe(e)}") from e
+                raise StoreError(f"{where}: ssh authentication failed for {who} with {how}: {describe(e)}") from e
             if isinstance(e, OSError | EOFError | paramiko.SSHException):
                 err = StoreTimeout if isinstance(e, TimeoutError) else StoreError
-                raise err(f"{where}: cannot connect to ssh server {who}: {_describe(e)}") from e
+                raise err(f"{where}: cannot connect to ssh server {who}: {describe(e)}") from e
             raise
         log.debug("%s: connected to %s", self.url, who)
         with self._cond:
@@ -279,22 +269,22 @@ class SshStore:
                 self._checkin(conn, healthy=transport_ok)
                 if transport_ok:
                     if isinstance(e, OSError):
-                        raise StoreError(f"{self.url}: {op} {rel}: {_describe(e)}") from e
+                        raise StoreError(f"{self.url}: {op} {rel}: {describe(e)}") from e
                     raise
                 if not isinstance(e, OSError | EOFError | paramiko.SSHException):
                     raise
                 if reused and attempt == 0 and not isinstance(e, TimeoutError):
-                    log.debug("%s: %s %s: stale connection (%s), reconnecting", self.url, op, rel, _describe(e))
+                    log.debug("%s: %s %s: stale connection (%s), reconnecting", self.url, op, rel, describe(e))
                     continue
                 err = StoreTimeout if isinstance(e, TimeoutError) else StoreError
-                raise err(f"{self.url}: {op} {rel}: ssh connection failed: {_describe(e)}") from e
+                raise err(f"{self.url}: {op} {rel}: ssh connection failed: {describe(e)}") from e
             self._checkin(conn, healthy=True)
             return result
         raise AssertionError("unreachable")
 
     # -- sftp operations (run with a checked-out connection) -----------------------
 
-    def _read_op(self, sftp: paramiko.SFTPClient, path: str) -> bytes | None:
+    def _read_op(self, sftp: paramiko.SFTPClient, path: str, progress: Progress | None = None) -> bytes | None:
         try:
             f = sftp.open(path, "rb")
         except FileNotFoundError:
@@ -305,7 +295,15 @@ class SshStore:
                 return None
             size = st.st_size
             f.prefetch(size)
-            data = f.read()
+            if progress is None:
+                data = f.read()
+            else:  # in pieces, so that the low-speed limit sees the bytes come
+                progress.started = True
+                parts = []
+                while part := f.read(READ_PIECE):
+                    parts.append(part)
+                    progress.bytes += len(part)
+                data = b"".join(parts)
         if size is not None and len(data) != size:
             raise StoreError(f"{self.url}: read {path}: truncated: got {len(data)} of {size} bytes")
         return bytes(data)
@@ -406,8 +404,13 @@ class SshStore:
         return self._limiter
 
     async def fetch(self, rel: str) -> bytes | None:
-        """Async read in a worker thread."""
-        return await run_abandonable(self.read, rel, limiter=self._threads())
+        """Async read in a worker thread, under the low-speed limit (an abandoned thread ends
+        at the channel's timeout)."""
+        def read(p: Progress) -> bytes | None:
+            return self._run("read", rel, lambda sftp, path: self._read_op(sftp, path, p))
+
+        return await within_low_speed(self.low_speed, f"{self.url}: read {rel}",
+                                      lambda p: run_abandonable(read, p, limiter=self._threads()))
 
     async def store(self, rel: str, data: bytes) -> None:
         """Async write in a worker thread."""

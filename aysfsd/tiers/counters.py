@@ -12,6 +12,7 @@ class Counters:
     misses: int = 0
     memory_hits: int = 0
     errors: int = 0
+    errors_remembered: int = 0  # reads answered at once by a fetch that had just failed
     bytes_by_tier: dict[str, int] = field(default_factory=lambda: {"local": 0, "grid": 0, "stor": 0})
     writebacks: int = 0
     writeback_errors: int = 0

@@ -7,21 +7,30 @@ answers with EIO.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import OrderedDict
 
 import trio
 
 from ..cache import LocalCache
+from ..stores import describe
 from .counters import Account, Counters
 from .flight import FetchError, Flight, Foreground
 from .keep import Keeper
 from .memory import MEMORY_BUDGET, MemoryLRU
 from .packs import Members, Packs
-from .sources import Source, search
+from .sources import Search, Source, search
 
 log = logging.getLogger("aysfsd.fetch")
 
 MAX_READAHEAD = 4  # chunks fetched ahead of sequential readers at once
+FAILED_SECONDS = 2.0  # a failed fetch answers its blob's next reads at once for this long
+FAILED_BLOBS = 4096  # failed fetches remembered at most
+
+
+class _Remembered(FetchError):
+    """A fetch of this blob failed a moment ago (see Fetcher._remember_failure)."""
 
 
 class Fetcher:
@@ -38,6 +47,7 @@ class Fetcher:
         self.keeper = Keeper(cache, self.memory, self.counters)
         self.foreground = Foreground()
         self._inflight: dict[str, Flight] = {}
+        self._failed: OrderedDict[str, tuple[float, FetchError]] = OrderedDict()  # blob -> (until, error)
         self.packs = Packs(self._inflight, self.foreground, self.keeper, self.counters, self.get, self.missing)
         self._readaheads = 0
         self._many_limit = trio.CapacityLimiter(8)
@@ -140,7 +150,8 @@ class Fetcher:
 
     async def get(self, h: str, *, local: bool = True, grid: bool = True,
                   account: dict[str, int] | None = None, background: bool = False, keep: bool = True) -> bytes:
-        """The whole blob `h`, verified. Raises FetchError within `timeout` seconds.
+        """The whole blob `h`, verified. Raises FetchError within `timeout` seconds, however
+        it is had (a download of its own, another one's, a pack's and then alone).
 
         `local`/`grid`: keep the blob in the local cache / write it back to the grid caches.
         `account` (a mount's bytes-by-tier) is credited with the bytes downloaded from a grid
@@ -149,14 +160,38 @@ class Fetcher:
         `keep` False: not kept in memory either (a pack, whose members are what is kept)."""
         if background:
             await self.wait_foreground_idle()
+        try:
+            return await self._get(h, local=local, grid=grid, account=account, background=background, keep=keep)
+        except _Remembered:
+            raise
+        except FetchError as e:
+            self._remember_failure(h, e)
+            raise
+
+    async def _get(self, h: str, *, local: bool, grid: bool, account: dict[str, int] | None, background: bool,
+                   keep: bool) -> bytes:
+        deadline = trio.current_time() + self.timeout
         for _ in range(3):  # a pack that failed a member sends us round again; bounded
             data = self._cached(h)
             if data is not None:
                 return data
+            failed = self._failed.get(h)
+            if failed is not None and failed[0] > time.monotonic():
+                self.counters.errors_remembered += 1
+                e = failed[1]
+                raise _Remembered(str(e), corrupt_only=e.corrupt_only, timed_out=e.timed_out)
             flight = self._inflight.get(h)
+            until = deadline
             if flight is None:
-                break
-            await flight.done.wait()
+                flight = self._start(h, deadline, local=local, grid=grid, account=account, background=background,
+                                     keep=keep)
+                if flight.scope is None:  # no nursery: fetched by this task
+                    await self._fly(h, flight, deadline, local=local, grid=grid, account=account,
+                                    background=background, keep=keep)
+                until = math.inf  # it ends by our deadline, and its error says more
+            if not await flight.wait(until):
+                raise FetchError(f"blob {h} not available: gave up after fetch_timeout {self.timeout:g}s "
+                                 f"waiting for its download", timed_out=True)
             if flight.result is not None:
                 if local and not flight.local:
                     await self.keeper.store_local(h, flight.result)
@@ -165,17 +200,38 @@ class Fetcher:
                 f = flight.failure
                 raise FetchError(flight.error, corrupt_only=f is not None and f.corrupt_only,
                                  timed_out=f is not None and f.timed_out)
-        else:
-            raise FetchError(f"blob {h}: still in flight after 3 waits")
+        raise FetchError(f"blob {h}: still in flight after 3 waits")
+
+    def _start(self, h: str, deadline: float, *, local: bool, grid: bool, account: dict[str, int] | None,
+               background: bool, keep: bool) -> Flight:
+        """A new flight for `h`, run in the background when there is a nursery: so that it can
+        be cancelled when no reader waits for it anymore, whoever started it."""
         flight = self._inflight[h] = Flight(local)
         if not background:
             self.foreground.enter()
+        if self.nursery is not None:
+            flight.scope = trio.CancelScope()
+            self.nursery.start_soon(lambda: self._fly(h, flight, deadline, local=local, grid=grid, account=account,
+                                                      background=background, keep=keep))
+        return flight
+
+    async def _fly(self, h: str, flight: Flight, deadline: float, *, local: bool, grid: bool,
+                   account: dict[str, int] | None, background: bool, keep: bool) -> None:
+        """Run one flight to its end (by `deadline`, its starter's); never raises but
+        trio.Cancelled from outside it."""
         try:
-            flight.result, flight.tier = await self._fetch(h, local=local, grid=grid, account=account,
-                                                           defer_local=not background, keep=keep)
+            with flight.scope or trio.CancelScope():
+                flight.result, flight.tier = await self._fetch(h, deadline, local=local, grid=grid, account=account,
+                                                               defer_local=not background, keep=keep)
+            if flight.result is None:
+                flight.error = f"blob {h}: fetch cancelled (no reader waits for it anymore)"
+                flight.retry = True  # a reader that came just now: it starts another
+                log.debug("%s", flight.error, extra={"BLOB": h})
         except FetchError as e:
             flight.error, flight.failure = str(e), e
-            raise
+        except Exception as e:  # noqa: BLE001 - a flight must not end the daemon's nursery
+            log.exception("fetching blob %s", h, extra={"BLOB": h})
+            flight.error = f"blob {h}: fetch failed: {describe(e)}"
         except BaseException as e:
             flight.error = f"blob {h}: fetch interrupted ({e!r})"
             raise
@@ -184,25 +240,33 @@ class Fetcher:
             flight.done.set()
             if not background:
                 self.foreground.exit()
-        return flight.result
 
-    async def _fetch(self, h: str, *, local: bool, grid: bool, account: dict[str, int] | None,
+    def _remember_failure(self, h: str, e: FetchError) -> None:
+        """A failed fetch is not tried again for FAILED_SECONDS: the kernel retries a failed
+        READ at once, and that retry gets its EIO now instead of waiting again."""
+        self._failed[h] = (time.monotonic() + FAILED_SECONDS, e)
+        self._failed.move_to_end(h)
+        while len(self._failed) > FAILED_BLOBS:
+            self._failed.popitem(last=False)
+
+    async def _fetch(self, h: str, deadline: float, *, local: bool, grid: bool, account: dict[str, int] | None,
                      defer_local: bool = False, keep: bool = True) -> tuple[bytes, str]:
         """Download and verify `h`; `keep` False: a pack, kept in no cache (its members are)."""
         self.counters.misses += 1
         t0 = time.monotonic()
-        problems: list[str] = []
-        corrupt: list[Source] = []
+        st = Search()
         found: tuple[bytes, Source] | None = None
-        with trio.move_on_after(self.timeout) as scope:
-            found = await search(self.grid + self.stors, h, problems, corrupt)
+        with trio.move_on_at(deadline) as scope:
+            found = await search(self.grid + self.stors, h, st)
         if found is None:
             self.counters.errors += 1
             if scope.cancelled_caught:
-                problems.append(f"gave up after fetch_timeout {self.timeout:g}s")
-            raise FetchError(f"blob {h} not available: " + "; ".join(problems or ["no sources configured"]),
-                             corrupt_only=bool(corrupt) and len(corrupt) == len(problems),
+                st.gave_up(h, self.timeout)
+                st.problems.append(f"gave up after fetch_timeout {self.timeout:g}s")
+            raise FetchError(f"blob {h} not available: " + "; ".join(st.problems or ["no sources configured"]),
+                             corrupt_only=bool(st.corrupt) and len(st.corrupt) == len(st.problems),
                              timed_out=scope.cancelled_caught)
+        self._failed.pop(h, None)
         data, src = found
         log.debug("fetched %s (%d bytes) from %s in %.1f ms", h, len(data), src.name, (time.monotonic() - t0) * 1e3,
                   extra={"BLOB": h, "SOURCE": src.name})
@@ -213,7 +277,7 @@ class Fetcher:
             account[src.tier] += len(data)
             if isinstance(account, Account):
                 account.blobs[src.tier] += 1
-        await self.keeper.keep(h, data, src, self.grid, local=local, grid=grid, corrupt=corrupt,
+        await self.keeper.keep(h, data, src, self.grid, local=local, grid=grid, corrupt=st.corrupt,
                                defer_local=defer_local, memory=keep)
         return data, src.tier
 

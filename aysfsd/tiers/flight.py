@@ -21,7 +21,10 @@ class FetchError(Exception):
 
 
 class Flight:
-    """One download in progress; concurrent readers of the same blob wait on it."""
+    """One download in progress; concurrent readers of the same blob wait on it.
+
+    A flight run in the background (`scope` set) is cancelled when its last waiter leaves
+    before it ends (an interrupted reader): nobody wants its bytes anymore."""
 
     def __init__(self, local: bool) -> None:
         self.done = trio.Event()
@@ -31,6 +34,24 @@ class Flight:
         self.error = ""
         self.failure: FetchError | None = None  # how the owner's fetch failed (its cause, for waiters)
         self.retry = False  # a pack's member the pack did not deliver: fetch it alone
+        self.waiters = 0
+        self.scope: trio.CancelScope | None = None
+
+    async def wait(self, deadline: float) -> bool:
+        """Wait for the flight to end, at most until `deadline` (trio time); False if it did not.
+        A waiter cancelled (not timed out: the flight has its own bound) that was the last one
+        cancels the flight."""
+        self.waiters += 1
+        cancelled = True
+        try:
+            with trio.move_on_at(deadline):
+                await self.done.wait()
+            cancelled = False
+        finally:
+            self.waiters -= 1
+            if cancelled and self.waiters == 0 and not self.done.is_set() and self.scope is not None:
+                self.scope.cancel()
+        return self.done.is_set()
 
 
 class Foreground:
