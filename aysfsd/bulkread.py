@@ -3,8 +3,10 @@
 Such a reader goes through a directory's files in name order, every one, then on to the next
 directory in walk order (depth first, name order). Seen from the daemon, that is a run of
 first reads of a directory's files each the next one in name order (no file skipped). After
-RUN such reads (or every file of a smaller directory), the file packs of the directories that
-come next in walk order are requested, up to WINDOW_DIRS directories and WINDOW_BYTES: while
+RUN such reads (or every file of a smaller directory), what the directories that come next in
+walk order hold (their file packs, and their files too big for a pack, one blob each) and the
+rest of this directory's files too big for a pack are requested, up to WINDOW_DIRS directories
+and WINDOW_BYTES (chunked files are left to the sequential read-ahead): while
 the reader works through them, each one it enters moves the window on, so the link has the
 next directories' bytes on it instead of waiting for the reader to ask, directory by directory.
 A directory of fewer than RUN files, read whole and in order, moves the window only shortly
@@ -30,7 +32,7 @@ log = logging.getLogger("aysfsd.bulkread")
 RUN = 4  # files read one after the other, in name order, before a directory counts as walked
 CREDIT = 2 * 8  # after such a run, directories with fewer files read whole that move the window too
 WINDOW_DIRS = 8  # directories ahead (in walk order) whose packs are kept in flight
-WINDOW_BYTES = 16 << 20  # bytes of packs asked for per step
+WINDOW_BYTES = 16 << 20  # bytes asked for per step, at most (one pack or file over)
 SCAN_DIRS = 64  # directories looked at per step, with or without packs
 TRACKED = 1024  # directories whose reads are followed
 GAP = 64  # entries looked at between two reads (a longer jump is not "the next file")
@@ -94,38 +96,56 @@ class BulkWindow:
         else:
             self._credit[node.mount.name] = CREDIT
         run.moved = True
-        self.fetcher.nursery.start_soon(self._move, parent)
+        self.fetcher.nursery.start_soon(self._move, parent, i)
 
-    async def _move(self, start: Node) -> None:
+    async def _move(self, start: Node, after: int) -> None:
         try:
-            await self.move(start)
+            await self.move(start, after)
         except FetchError as e:  # a directory object unavailable: the reader will see it itself
             log.debug("bulk read window from %s stopped: %s", start.entry.name, e)
 
-    async def move(self, start: Node) -> int:
-        """Request the file packs of the directories after `start` in walk order; how many
-        packs were asked for."""
+    async def move(self, start: Node, after: int = -1) -> int:
+        """Request what the directories after `start` in walk order hold (their file packs,
+        their files that are no pack's members) and the files of `start` past entry `after`
+        that are in no pack; the bytes asked for."""
+        grid = start.mount.cfg.cache_grid
+        self.moves += 1
+        entries, _ = await self.load_dir(start.entry.hash, grid)
+        asked, _ = self._ask(start, entries[after + 1:], packs=False)  # (its packs came on its first read)
+        dirs = 0
+        async for h in self._after(start):
+            entries, _ = await self.load_dir(h, grid)
+            n, content = self._ask(start, entries, packs=True)
+            asked += n
+            dirs += content
+            if dirs >= WINDOW_DIRS or asked >= WINDOW_BYTES:
+                break
+        log.debug("bulk read from %s: %d bytes of %d directories ahead asked for", start.entry.name, asked, dirs,
+                  extra={"AYSFS_MOUNT": start.mount.name})
+        return asked
+
+    def _ask(self, start: Node, entries: list[Entry], packs: bool) -> tuple[int, bool]:
+        """Ask for the missing file packs (with `packs`) and unpacked one-blob files among
+        `entries`: (bytes asked for, whether there was any such content)."""
         mp = start.mount
         cfg = mp.cfg
-        self.moves += 1
-        dirs = 0
         asked = 0
-        budget = WINDOW_BYTES
-        async for h in self._after(start):
-            entries, _ = await self.load_dir(h, cfg.cache_grid)
-            packs = pack_members(entries, KIND_FILE)
-            todo = {p: ms for p, ms in packs.items() if any(self.fetcher.missing(m) for m, _, _ in ms)}
-            if packs:
-                dirs += 1
-            for p, ms in todo.items():
-                self.fetcher.fetch_pack(p, ms, local=cfg.cache_local, grid=cfg.cache_grid, account=mp.bytes_by_tier)
-                asked += 1
-                budget -= ms[-1][1] + ms[-1][2]
-            if dirs >= WINDOW_DIRS or budget <= 0:
-                break
-        log.debug("bulk read from %s: %d packs of %d directories ahead asked for", start.entry.name, asked, dirs,
-                  extra={"AYSFS_MOUNT": mp.name})
-        return asked
+        content = False
+        if packs:
+            for p, ms in pack_members(entries, KIND_FILE).items():
+                content = True
+                if any(self.fetcher.missing(m) for m, _, _ in ms):
+                    self.fetcher.fetch_pack(p, ms, local=cfg.cache_local, grid=cfg.cache_grid,
+                                            account=mp.bytes_by_tier)
+                    asked += ms[-1][1] + ms[-1][2]
+        alone = [e for e in entries if e.kind == KIND_FILE and e.size and e.hash and not e.pack]
+        content = content or bool(alone)
+        todo = [e for e in alone if self.fetcher.missing(e.hash)]
+        if todo:
+            self.fetcher.fetch_many([e.hash for e in todo], local=cfg.cache_local, grid=cfg.cache_grid,
+                                    account=mp.bytes_by_tier)
+            asked += sum(e.size for e in todo)
+        return asked, content
 
     async def _after(self, start: Node) -> AsyncIterator[str]:
         """Hashes of the directories after `start` in walk order: its subtree first, then the
