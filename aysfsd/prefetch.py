@@ -195,6 +195,7 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
         p.errors += 1
         log.error("prefetch %s failed: %s", mp.name, e, extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
     else:
+        await fetcher.keeper.flushed()  # e.g. the directory objects of tree packs: local when done
         p.state = "done" if p.errors == 0 else "failed"
     p.seconds = round(time.monotonic() - p.started, 3)
     if on_progress is not None:

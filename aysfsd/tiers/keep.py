@@ -45,6 +45,11 @@ class Keeper:
             self._writer_running = True
             self.nursery.start_soon(self._local_writer)
 
+    async def flushed(self) -> None:
+        """Return once every blob queued for the local cache is written (prefetch's end)."""
+        while (self._pending_local or self._writer_running) and self.nursery is not None:
+            await trio.sleep(0.01)
+
     async def _local_writer(self) -> None:
         try:
             while self._pending_local:

@@ -94,7 +94,7 @@ class Packs:
                         claimed: trio.Event | None = None) -> int:
         """Fetch many packs for their missing members, kept in the local cache (a version's
         directory objects: see aysfsd.treefetch), `at_once` at a time, in order, as readers
-        need them (not after foreground fetches, unlike `load`). Every missing member is
+        need them (like `fetch`, not after foreground fetches like `load`). Every missing member is
         claimed first (`claimed` is set then): a reader that needs one waits for its pack
         rather than asking for it alone. Returns how many packs delivered."""
         todo = [(p, self._flights(p, ms, True)) for p, ms in packs]
@@ -107,7 +107,10 @@ class Packs:
             nonlocal delivered
             try:
                 async with limit:
-                    await self._fetch(pack, flights, True, grid, None, False)
+                    # as a reader's: the members are served at once (from memory) while their
+                    # LMDB write follows, and prefetch waits
+                    self._foreground.enter()
+                    await self._fetch(pack, flights, True, grid, None, True)
             finally:
                 for h, (f, _, _) in flights.items():  # never fetched (cancelled while waiting): released
                     if not f.done.is_set():
