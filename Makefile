@@ -62,23 +62,48 @@ bench: bench-deps
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
-# make deb             build dist/aysfs_VERSION_all.deb with debhelper (as root on Debian 12: installs the
-#                      build tools it lacks) and lint it: packaging/build-deb.sh
-# make test-installed  make deb, apt-get install it on this machine, test the installed system (the unit's
-#                      commands as systemd runs them; a real systemd in systemd-nspawn when one boots here),
-#                      then purge it: packaging/test_installed.py, with Debian's /usr/bin/python3
+# make deb             build dist/aysfs_VERSION+deb12_all.deb with debhelper on this machine (Debian 12; as root:
+#                      installs the build tools it lacks) and lint it: packaging/build-deb.sh
+# make deb-trixie      the same for Debian 13 (dist/aysfs_VERSION+deb13_all.deb), built in a Debian 13 tree
+# make apt-repo        dist/apt: a signed apt repository of both (packaging/apt-repo.sh)
+# make test-installed  install the package through that repository on this machine and in Debian 12 and 13
+#                      system containers (a real systemd booted with systemd-nspawn), test the installed
+#                      system, upgrade it to the next version through the repository, purge it:
+#                      packaging/test_installed.py, with Debian's /usr/bin/python3
+# Debian trees (debootstrap + packages) are cached in /var/cache/aysfs-ci: packaging/debian_tree.py
 DEB_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+DEB_NEXT_VERSION = $(DEB_VERSION).post1
+HOST_DEB_RELEASE := $(shell . /etc/os-release && echo $${VERSION_ID%%.*})
+TREE := /usr/bin/python3 packaging/debian_tree.py
+# build-deb.sh in a Debian 13 tree, on this checkout (bound at /src)
+IN_TRIXIE = $(TREE) run trixie make $$(bash packaging/build-deb.sh --print-build-deps) --bind $(CURDIR):/src --
 
-.PHONY: deb test-installed test-debian
+.PHONY: deb deb-trixie apt-repo apt-repo-next test-installed test-debian test-debian13
 
 deb:
 	bash packaging/build-deb.sh
 
-test-installed: deb
-	/usr/bin/python3 packaging/test_installed.py dist/aysfs_$(DEB_VERSION)_all.deb
+deb-trixie:
+	$(IN_TRIXIE) bash /src/packaging/build-deb.sh
 
-# make test-debian   the test suite on Debian 12's own python3-* libraries (older pyfuse3, trio, httpx,
-#                    redis, paramiko than PyPI's), in a venv that sees only Debian's packages
+apt-repo: deb deb-trixie
+	bash packaging/apt-repo.sh dist/apt dist/aysfs_$(DEB_VERSION)+deb12_*.deb dist/aysfs_$(DEB_VERSION)+deb13_*.deb
+
+# the next version (for the upgrade test): both releases' builds in build/apt-next beside this one's
+apt-repo-next: apt-repo
+	rm -rf build/next
+	bash packaging/build-deb.sh --version $(DEB_NEXT_VERSION) --no-lint --out build/next
+	$(IN_TRIXIE) bash /src/packaging/build-deb.sh --version $(DEB_NEXT_VERSION) --no-lint --out build/next
+	bash packaging/apt-repo.sh build/apt-next dist/apt/pool/main/*/*.deb build/next/*.deb
+
+test-installed: apt-repo-next
+	/usr/bin/python3 packaging/test_installed.py --repo dist/apt --next-repo build/apt-next \
+		dist/aysfs_$(DEB_VERSION)+deb$(HOST_DEB_RELEASE)_*.deb
+
+# make test-debian    the test suite on Debian 12's own python3-* libraries (older pyfuse3, trio, httpx,
+#                     redis, paramiko than PyPI's), in a venv that sees only Debian's packages
+# make test-debian13  the same on Debian 13's (Python 3.13, newer libraries), in a Debian 13 tree with
+#                     /dev/fuse (systemd-nspawn), on a copy of this checkout
 DEBIAN_PY_PKGS := python3-pyfuse3 python3-trio python3-lmdb python3-httpx python3-paramiko python3-redis \
 	python3-systemd python3-rich python3-cryptography python3-prometheus-client python3-pytest python3-pytest-timeout \
 	python3-hypothesis python3-venv python3-setuptools
@@ -89,9 +114,17 @@ test-debian: deps
 	fi
 	rm -rf .venv-debian
 	/usr/bin/python3 -m venv --system-site-packages .venv-debian
-	cp packaging/debian/vendor/inotify_simple.py.vendored .venv-debian/lib/python3.11/site-packages/inotify_simple.py
+	cp packaging/debian/vendor/inotify_simple.py.vendored \
+		$$(.venv-debian/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/inotify_simple.py
 	.venv-debian/bin/python -m pip install -q --no-deps --no-build-isolation --no-index -e .
-	.venv-debian/bin/python -c 'import pyfuse3, trio, httpx, redis, paramiko; print("Debian libraries:", \
-		"pyfuse3", pyfuse3.__version__, "trio", trio.__version__, "httpx", httpx.__version__, \
-		"redis", redis.__version__, "paramiko", paramiko.__version__)'
+	.venv-debian/bin/python -c 'import sys, pyfuse3, trio, httpx, redis, paramiko; print("Debian libraries:", \
+		"python", sys.version.split()[0], "pyfuse3", pyfuse3.__version__, "trio", trio.__version__, \
+		"httpx", httpx.__version__, "redis", redis.__version__, "paramiko", paramiko.__version__)'
 	.venv-debian/bin/python -m pytest -q -p no:cacheprovider
+
+test-debian13:
+	$(TREE) run trixie make $(APT_PKGS) $(DEBIAN_PY_PKGS) --bind-ro $(CURDIR):/src -- sh -c '\
+		mkdir /root/aysfs && cd /src && tar -c --exclude-vcs --exclude=./.venv --exclude=./.venv-debian \
+			--exclude=./build --exclude=./dist --exclude=__pycache__ --exclude=.mypy_cache --exclude=.ruff_cache \
+			--exclude=.pytest_cache --exclude=.hypothesis -f - . | tar -x -C /root/aysfs && \
+		cd /root/aysfs && make test-debian'

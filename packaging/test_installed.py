@@ -4,7 +4,8 @@
 Run as root with Debian's /usr/bin/python3 (the package's Python and python3-* libraries, not
 the project's venv):
 
-    /usr/bin/python3 packaging/test_installed.py dist/aysfs_VERSION_all.deb [--nspawn auto|yes|no]
+    /usr/bin/python3 packaging/test_installed.py dist/aysfs_VERSION+deb12_all.deb \
+        [--repo dist/apt --next-repo build/apt-next] [--releases bookworm,trixie] [--nspawn auto|yes|no]
 
 1. Installs the .deb with `apt-get install ./...deb` and checks what it installed: files, the
    conffile, the aysfs group, the enabled unit, `systemd-analyze verify` of the installed unit,
@@ -15,11 +16,13 @@ the project's venv):
    and applies that with ExecReload (SIGHUP to $MAINPID), checks the mount and its bytes,
    `aysctl status` as root, as a member of group aysfs and as a non-member (refused), a refused
    invalid config, a crash (SIGKILL) and restart, then SIGTERM: no mount may remain.
-3. When a real systemd can be booted here (systemd-nspawn with a debootstrapped Debian 12,
-   kept in /var/tmp/aysfs-nspawn), does the same inside it with apt-get install,
-   systemctl start/reload/stop, journalctl, a SIGKILL that Restart=on-failure recovers, an
-   upgrade to the next version (the .deb repacked as N+1) under a reader that must see no
-   error while the package's restart hands the FUSE session over, and purge.
+3. For each of Debian 12 and 13, when a real systemd can be booted here (systemd-nspawn with a
+   debootstrapped tree, cached by packaging/debian_tree.py): serves the signed apt repository
+   (--repo, `make apt-repo`) with nginx on loopback, refuses it under a wrong Signed-By key,
+   `apt-get install aysfs` through it (that release's build), then does the same as 2 with
+   systemctl start/reload/stop, journalctl, a SIGKILL that Restart=on-failure recovers; then
+   upgrades to the next version through the second repository (--next-repo) while a mount
+   serves a reader, and purges.
 4. Purges the package (apt-get purge) and checks what is gone; restores the machine.
 
 Prints one line per check and ends with "N passed, M failed"; exit status 0 when none failed.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import grp
 import hashlib
 import json
@@ -44,6 +48,8 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,8 +62,9 @@ BASE_ENV = {"PATH": SYS_PATH, "LANG": "C.UTF-8"}
 AYS_ID = "test|installed!main"
 MOUNT_NAME = "installed"
 MARKER = Path("/var/tmp/aysfs-test-installed.marker")  # "aysfs was installed by this test"
-NSPAWN_DIR = Path("/var/tmp/aysfs-nspawn")
-DEBIAN_MIRROR = os.environ.get("AYSFS_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+RELEASES = {"bookworm": "12", "trixie": "13"}
+KEYRING = "/usr/share/keyrings/aysfs-archive-keyring.gpg"
+APT_LOCKED = ["flock", "/tmp/aysfs-apt.lock"]  # apt and dpkg on this machine: one user at a time
 EXPECTED_FILES = [
     "/usr/bin/aysfsd", "/usr/bin/aysctl", UNIT, CONF,
     "/usr/share/man/man8/aysfsd.8.gz", "/usr/share/man/man1/aysctl.1.gz", "/usr/share/man/man5/aysfs.toml.5.gz",
@@ -74,10 +81,21 @@ class Report:
         self.failed: list[str] = []
         self.skipped: list[str] = []
         self.section = ""
+        self.sections: list[list[Any]] = []  # [title, checks, failed, start]
 
     def head(self, title: str) -> None:
         self.section = title
+        self.sections.append([title, self.passed + len(self.failed), len(self.failed), time.monotonic()])
         print(f"\n== {title}", flush=True)
+
+    def summary(self) -> str:
+        """Checks, failures and seconds per section."""
+        lines = []
+        ends = [s[1:] for s in self.sections[1:]] + [[self.passed + len(self.failed), len(self.failed),
+                                                       time.monotonic()]]
+        for (title, n0, f0, t0), (n1, f1, t1) in zip(self.sections, ends, strict=True):
+            lines.append(f"{n1 - n0:4d} checks {f1 - f0:3d} failed {t1 - t0:6.0f} s  {title}")
+        return "\n".join(lines)
 
     def check(self, what: str, ok: bool, detail: str = "") -> bool:
         if ok:
@@ -432,28 +450,27 @@ class HostTarget(Target):
 
 
 class NspawnTarget(Target):
-    """A debootstrapped Debian 12 booted with systemd-nspawn: a real systemd as PID 1."""
+    """A debootstrapped Debian release booted with systemd-nspawn: a real systemd as PID 1.
+    It shares this machine's network: it reaches the apt repository's nginx on loopback."""
 
     name = "nspawn container (real systemd)"
 
-    def __init__(self, work: Path, deb: Path, rootfs: Path) -> None:
-        self.share = work / "share"
+    def __init__(self, work: Path, release: str, rootfs: Path) -> None:
+        self.share = work / f"share-{release}"
         self.share.mkdir(mode=0o755)
         self.share_in = "/srv/aysfs-test"
-        self.deb = deb
         self.rootfs = rootfs
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = work / "nspawn.log"
+        self.log_path = work / f"nspawn-{release}.log"
         self.pid1 = 0
 
     def boot(self) -> tuple[bool, str]:
         log = open(self.log_path, "wb")
         machine = f"aysfs-test-{os.getpid()}"
         self.proc = subprocess.Popen(
-            ["systemd-nspawn", "--quiet", "--ephemeral", "--register=no", "--keep-unit", "--boot",
+            ["systemd-nspawn", "--quiet", "--volatile=overlay", "--register=no", "--keep-unit", "--boot",
              "--console=passive", f"--machine={machine}", "--bind=/dev/fuse",
-             f"--bind={self.share}:{self.share_in}", f"--bind-ro={self.deb.resolve().parent}:/mnt/aysfs-deb",
-             "-D", str(self.rootfs)],
+             f"--bind={self.share}:{self.share_in}", "-D", str(self.rootfs)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
 
@@ -810,12 +827,12 @@ def install(deb: Path) -> None:
     tools = [pkg for tool, pkg in (("man", "man-db"), ("systemd-analyze", "systemd"), ("useradd", "passwd"))
              if not shutil.which(tool, path=SYS_PATH)]
     if tools:  # what the checks below use
-        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *tools], env=env, timeout=600)
+        run([*APT_LOCKED, "apt-get", "install", "-y", "-q", "--no-install-recommends", *tools], env=env, timeout=600)
     MARKER.write_text(f"{deb}\n")
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", str(deb.resolve())]
+    cmd = [*APT_LOCKED, "apt-get", "install", "-y", "-q", "--no-install-recommends", str(deb.resolve())]
     r = run(cmd, env=env, timeout=600)
     if r.returncode != 0:  # e.g. no package lists yet on a fresh machine
-        run(["apt-get", "update", "-qq"], env=env, timeout=600)
+        run([*APT_LOCKED, "apt-get", "update", "-qq"], env=env, timeout=600)
         r = run(cmd, env=env, timeout=600)
     must(f"apt-get install -y ./{deb.name}", r.returncode == 0, out(r)[-3000:])
 
@@ -932,66 +949,234 @@ def host_phase(work: Path, script: Path) -> None:
             shutil.copy2(saved, CONF)
 
 
-def nspawn_rootfs(deb: Path) -> tuple[Path | None, str]:
-    """A Debian 12 tree with systemd and the package's dependencies, made once (debootstrap, then
-    apt-get in the tree: debootstrap alone cannot resolve the virtual packages python3-cffi needs)."""
-    depends = run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
-    deps = sorted({re.split(r"[\s(:|]", d.strip())[0] for d in depends.split(",") if d.strip()})
-    base = ["systemd", "systemd-sysv", "dbus", "man-db", "passwd", "procps"]
-    stamp = " ".join(base + deps)
-    root = NSPAWN_DIR / "bookworm"
-    if (NSPAWN_DIR / "packages").exists() and (NSPAWN_DIR / "packages").read_text() == stamp and root.is_dir():
-        return root, "cached"
-    for tool, pkg in (("debootstrap", "debootstrap"), ("systemd-nspawn", "systemd-container")):
-        if not shutil.which(tool, path=SYS_PATH):
-            r = run(["apt-get", "install", "-y", "-q", "--no-install-recommends", pkg],
-                    env=dict(BASE_ENV, DEBIAN_FRONTEND="noninteractive"), timeout=600)
-            if r.returncode != 0:
-                return None, f"cannot install {pkg}: {out(r)[-1000:]}"
-    tmp = NSPAWN_DIR / "bookworm.tmp"
-    NSPAWN_DIR.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["rm", "-rf", "--one-file-system", str(tmp), str(root)], check=False)
-    t0 = time.monotonic()
-    r = run(["debootstrap", "--variant=minbase", f"--include={','.join(base)}", "bookworm", str(tmp), DEBIAN_MIRROR],
-            timeout=900)
-    if r.returncode != 0:
-        return None, f"debootstrap bookworm from {DEBIAN_MIRROR} failed: {out(r)[-2000:]}"
-    r = run(["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", str(tmp),
-             "--setenv=DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--no-install-recommends",
-             *deps], timeout=900)
-    if r.returncode != 0:
-        return None, f"apt-get install of the dependencies in the container tree failed: {out(r)[-2000:]}"
-    tmp.rename(root)
-    (NSPAWN_DIR / "packages").write_text(stamp)
-    return root, f"debootstrapped in {time.monotonic() - t0:.0f} s"
+class RepoServer:
+    """nginx on loopback serving one apt repository directory at a time (`use` switches which),
+    as an operator's web server would."""
+
+    def __init__(self, work: Path, repos: dict[str, Path]) -> None:
+        self.dir = work / "apt"
+        self.dir.mkdir(mode=0o755, parents=True)
+        for name, repo in repos.items():
+            shutil.copytree(repo, self.dir / name)
+        self.www = self.dir / "www"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def use(self, name: str) -> None:
+        tmp = self.dir / "www.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(name)
+        tmp.rename(self.www)
+
+    def start(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        d = self.dir
+        (d / "nginx.conf").write_text(
+            f"worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 64; }}\n"
+            f"http {{\n  access_log {d}/access.log;\n  server {{ listen 127.0.0.1:{self.port}; root {self.www}; }}\n}}\n")
+        self.proc = subprocess.Popen(["nginx", "-e", f"{d}/error.log", "-c", f"{d}/nginx.conf", "-g", "daemon off;"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=BASE_ENV, start_new_session=True)
+
+        def up() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
+                return True
+            return False
+        must(f"nginx serves the apt repository on 127.0.0.1:{self.port}", bool(wait_for(up, 10)),
+             (d / "error.log").read_text(errors="replace") if (d / "error.log").exists() else "")
+
+    def requests(self) -> list[str]:
+        """The paths asked for so far (access log)."""
+        try:
+            lines = (self.dir / "access.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        return [urllib.parse.unquote(m.group(1)) for m in (re.search(r'"GET (\S+)', x) for x in lines) if m]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
 
 
-def nspawn_phase(work: Path, deb: Path, script: Path, mode: str) -> None:
-    R.head("a real systemd: Debian 12 in systemd-nspawn")
+def repo_deb(repo: Path, release: str) -> Path | None:
+    """The newest .deb of `release` in an apt repository made by packaging/apt-repo.sh."""
+    debs = sorted((repo / "pool" / "main" / release).glob(f"{PACKAGE}_*.deb"),
+                  key=lambda d: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", d.name)])
+    return debs[-1] if debs else None
+
+
+def deb_field(deb: Path, field: str) -> str:
+    return run(["dpkg-deb", "-f", str(deb), field]).stdout.strip()
+
+
+def nspawn_rootfs(release: str, deb: Path) -> tuple[Path | None, str]:
+    """A Debian tree with systemd and the package's dependencies (packaging/debian_tree.py: made
+    once, cached in /var/cache/aysfs-ci), so that the test installs the package, not Debian."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import debian_tree  # beside this script; not needed by `verify-tree` in a container
+
+    deps = sorted({re.split(r"[\s(:|]", d.strip())[0] for d in deb_field(deb, "Depends").split(",") if d.strip()})
+    try:
+        return debian_tree.tree(release, deps)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        return None, str(e)
+
+
+def container_install(t: NspawnTarget, server: RepoServer, release: str, version: str) -> None:
+    """What an operator types: the key, a sources entry with Signed-By, apt-get update, install."""
+    apt_env = ["env", "DEBIAN_FRONTEND=noninteractive"]
+    shutil.copy(server.www / "aysfs-archive-keyring.gpg", t.share / "keyring.gpg")
+    entry = (f"Types: deb\nURIs: http://127.0.0.1:{server.port}/\nSuites: {release}\nComponents: main\n"
+             "Signed-By: {}\n")
+    # a signature apt cannot check against the given key must be refused
+    t.write("/etc/apt/sources.list.d/aysfs.sources", entry.format("/usr/share/keyrings/debian-archive-keyring.gpg"))
+    r = t.run(["apt-get", "update", "-q"], timeout=300)
+    R.check("with another key as Signed-By, apt-get update refuses the repository (not signed by it)",
+            r.returncode != 0 and ("NO_PUBKEY" in r.stdout + r.stderr or "not signed" in r.stdout + r.stderr),
+            out(r)[-2000:])
+    r = t.run(["cp", f"{t.share_in}/keyring.gpg", KEYRING])
+    must(f"{KEYRING} from the repository's aysfs-archive-keyring.gpg", r.returncode == 0, out(r))
+    t.write("/etc/apt/sources.list.d/aysfs.sources", entry.format(KEYRING))
+    before = len(server.requests())
+    r = t.run(["apt-get", "update", "-q"], timeout=300)
+    must("apt-get update with the aysfs sources entry (signature checked)",
+         r.returncode == 0 and "W:" not in r.stdout + r.stderr, out(r)[-2000:])
+    r = t.run([*apt_env, "apt-get", "install", "-y", "-q", "--no-install-recommends", PACKAGE], timeout=600)
+    must(f"apt-get install {PACKAGE} in the container (from http://127.0.0.1:{server.port}/ {release})",
+         r.returncode == 0, out(r)[-3000:])
+    got = server.requests()[before:]
+    R.note(f"apt fetched from the repository: {' '.join(got)}")
+    R.check(f"the package came through nginx: {release}'s InRelease and the .deb were requested",
+            f"/dists/{release}/InRelease" in got and any(g.endswith(".deb") and f"/{release}/" in g for g in got),
+            str(got))
+    installed = t.run(["dpkg-query", "-W", "-f=${Version}", PACKAGE]).stdout.strip()
+    R.check(f"dpkg: {PACKAGE} {version} installed (Debian {RELEASES[release]}'s build)", installed == version,
+            installed)
+
+
+HOLDER = r"""
+import hashlib, os, sys, time
+path, result = sys.argv[1], sys.argv[2]
+f = open(path, "rb")
+h = hashlib.sha256(f.read(1 << 20))
+open(result + ".ready", "w").close()
+deadline = time.monotonic() + 600
+while not os.path.exists(result + ".go") and time.monotonic() < deadline:
+    time.sleep(0.1)
+try:
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    res = h.hexdigest()
+except OSError as e:
+    res = f"error {e.errno} {e.strerror}"
+with open(result + ".tmp", "w") as o:
+    o.write(res)
+os.rename(result + ".tmp", result)
+"""
+
+
+def upgrade(t: NspawnTarget, server: RepoServer, next_version: str) -> None:
+    """N -> N+1 through the repository while a mount serves and a reader holds a file open."""
+    share = t.share_in
+    stor, mnt = f"{share}/stor", f"{share}/mnt/{MOUNT_NAME}"
+    t.write(CONF, config_text(stor, mnt))
+    t.start()
+    up = wait_for(lambda: t.mount_state() == "up", 30, 0.5)
+    must("before the upgrade: aysfsd runs with a mount (config in /etc/aysfs/aysfs.toml)", bool(up),
+         json.dumps(t.status())[:2000])
+    (t.share / "holder.py").write_text(HOLDER)
+    result = f"{share}/holder.out"
+    r = t.run(["sh", "-c", f'cd "{mnt}" && nohup /usr/bin/python3 {share}/holder.py "{mnt}/big.bin" {result} '
+               '>/dev/null 2>&1 &'])
+    held = wait_for(lambda: (t.share / "holder.out.ready").exists(), 20)
+    must("a reader holds big.bin open on the mount (read its first MiB), its cwd in the mount", bool(held), out(r))
+    pid = t.main_pid()
+    restarts = "restart" in t.run(["cat", f"/var/lib/dpkg/info/{PACKAGE}.postinst"]).stdout
+    server.use("next")
+    before = len(server.requests())
+    r = t.run(["apt-get", "update", "-q"], timeout=300)
+    R.check("apt-get update sees the next version", r.returncode == 0, out(r)[-2000:])
+    r = t.run(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--only-upgrade", PACKAGE],
+              timeout=600)
+    must(f"apt-get install --only-upgrade {PACKAGE} (through the repository)", r.returncode == 0, out(r)[-3000:])
+    R.check("the upgrade came through nginx (the new .deb was requested)",
+            any(g.endswith(".deb") and f"_{next_version}_" in g for g in server.requests()[before:]),
+            str(server.requests()[before:]))
+    installed = t.run(["dpkg-query", "-W", "-f=${Version}", PACKAGE]).stdout.strip()
+    R.check(f"dpkg: {PACKAGE} {next_version} installed", installed == next_version, installed)
+    R.check("aysfsd is active after the upgrade", t.systemctl("is-active").stdout.strip() == "active")
+    (t.share / "holder.out.go").touch()
+    done = wait_for(lambda: (t.share / "holder.out").exists(), 60)
+    got = (t.share / "holder.out").read_text() if done else "no answer"
+    want = hashlib.sha256((t.share / "src" / "big.bin").read_bytes()).hexdigest()
+    if restarts:
+        # the package restarts aysfsd on upgrade (dh_installsystemd's default): the old mount goes
+        R.note(f"the package restarts aysfsd on upgrade: MainPID {pid} -> {t.main_pid()}; "
+               f"the reader that held big.bin got: {got[:80]}")
+    else:
+        R.check("the upgrade did not restart aysfsd (same MainPID)", t.main_pid() == pid, f"{pid} -> {t.main_pid()}")
+        R.check("the reader that held big.bin open across the upgrade read all of it, right bytes", got == want,
+                f"got {got[:200]}, want {want}")
+    up = wait_for(lambda: t.mount_state() == "up", 30, 0.5)
+    R.check("after the upgrade the mount is up", bool(up), json.dumps(t.status())[:2000])
+    r = t.run(["/usr/bin/python3", f"{share}/test_installed.py", "verify-tree", f"{share}/src", mnt])
+    R.check("...and serves the published tree", r.returncode == 0, out(r))
+    r = t.systemctl("restart")
+    up = wait_for(lambda: t.mount_state() == "up", 30, 0.5)
+    R.check("systemctl restart aysfsd: the mount is up again under the new version", r.returncode == 0 and bool(up),
+            out(r) + json.dumps(t.status())[:2000])
+    r = t.run(["cat", f"{mnt}/hello.txt"])
+    R.check("cat hello.txt through the mount after the restart", r.stdout == "hello from the installed aysfs\n",
+            out(r))
+
+
+def nspawn_phase(work: Path, release: str, repo: Path | None, next_repo: Path | None, script: Path,
+                 mode: str) -> None:
+    n = RELEASES[release]
+    R.head(f"a real systemd: Debian {n} ({release}) in systemd-nspawn, aysfs through the apt repository")
     if mode == "no":
-        R.skip("nspawn", "--nspawn no")
+        R.skip(f"nspawn {release}", "--nspawn no")
         return
-    rootfs, how = nspawn_rootfs(deb)
+    deb = repo_deb(repo, release) if repo else None
+    if repo is None or deb is None:
+        R.check(f"the apt repository has a Debian {n} build", False, f"--repo {repo}: no pool/main/{release}/*.deb")
+        return
+    version = deb_field(deb, "Version")
+    rootfs, how = nspawn_rootfs(release, deb)
     if rootfs is None:
         if mode == "yes":
-            R.check("a Debian 12 tree for nspawn", False, how)
+            R.check(f"a Debian {n} tree for nspawn", False, how)
         else:
-            R.skip("nspawn", how)
+            R.skip(f"nspawn {release}", how)
         return
     R.note(f"rootfs {rootfs} ({how})")
-    t = NspawnTarget(work, deb, rootfs)
+    repos = {"current": repo}
+    if next_repo is not None:
+        repos["next"] = next_repo
+    server = RepoServer(work / release, repos)
+    t = NspawnTarget(work, release, rootfs)
     try:
+        server.use("current")
+        server.start()
         ok, why = t.boot()
         if not ok:
             if mode == "yes":
                 R.check("systemd boots in the container", False, why)
             else:
-                R.skip("nspawn", why)
+                R.skip(f"nspawn {release}", why)
             return
         R.check(f"systemd boots in the container ({why})", True)
-        r = t.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", f"/mnt/aysfs-deb/{deb.name}"],
-                  timeout=600)
-        must(f"apt-get install ./{deb.name} in the container", r.returncode == 0, out(r)[-3000:])
+        R.note(t.run(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME; systemctl --version | head -1; "
+                      "python3 --version"]).stdout)
+        container_install(t, server, release, version)
         R.check("systemctl is-enabled aysfsd: enabled", t.systemctl("is-enabled").stdout.strip() == "enabled")
         active = wait_for(lambda: t.systemctl("is-active").stdout.strip() == "active", 30)
         must("the package's postinst started aysfsd with the shipped config (is-active)", bool(active),
@@ -1006,6 +1191,9 @@ def nspawn_phase(work: Path, deb: Path, script: Path, mode: str) -> None:
                 is not None, st)
         r = t.run(["systemd-analyze", "security", "--no-pager", "aysfsd.service"])
         R.note("systemd-analyze security aysfsd: " + (r.stdout.strip().splitlines() or ["?"])[-1])
+        r = t.run(["systemd-analyze", "verify", UNIT])
+        R.check(f"systemd-analyze verify {UNIT} (Debian {n}'s systemd): clean",
+                r.returncode == 0 and not (r.stdout + r.stderr).strip(), out(r))
         r = t.run(["man", "--warnings", "aysctl"])
         R.check("man aysctl works in the container", r.returncode == 0 and "aysctl" in r.stdout, out(r)[:500])
         scenario(t, script)
@@ -1017,9 +1205,16 @@ def nspawn_phase(work: Path, deb: Path, script: Path, mode: str) -> None:
         R.check("journalctl -u aysfsd: nothing refused by the sandbox ('Operation not permitted')",
                 not denied, "\n".join(denied))
         R.note("journalctl -u aysfsd (last lines):\n" + "\n".join(j.splitlines()[-25:]))
-        upgrade_scenario(t, deb)
+        nxt = repo_deb(next_repo, release) if next_repo else None
+        if nxt is None:
+            R.skip(f"upgrade on {release}", "no --next-repo with a build for it")
+        else:
+            with contextlib.suppress(Abort):
+                upgrade(t, server, deb_field(nxt, "Version"))
         r = t.run(["apt-get", "purge", "-y", "-q", PACKAGE], timeout=300)
         R.check("apt-get purge aysfs in the container", r.returncode == 0, out(r)[-2000:])
+        left = aysfs_mounts(t.mountinfo())
+        R.check("purge stopped aysfsd: no aysfs mount remains", not left, "\n".join(left))
         r = t.run(["sh", "-c", "ls -d /etc/aysfs /var/cache/aysfs /usr/bin/aysfsd "
                    "/etc/systemd/system/multi-user.target.wants/aysfsd.service 2>/dev/null; getent group aysfs"])
         left = r.stdout.split()
@@ -1028,11 +1223,12 @@ def nspawn_phase(work: Path, deb: Path, script: Path, mode: str) -> None:
                 r.stdout + t.run(["find", "/etc/aysfs", "/var/cache/aysfs"]).stdout)
     finally:
         t.shutdown()
+        server.stop()
 
 
 def purge_phase(group_existed: bool) -> None:
     R.head("apt-get purge aysfs on this machine")
-    r = run(["apt-get", "purge", "-y", "-q", PACKAGE], env=dict(BASE_ENV, DEBIAN_FRONTEND="noninteractive"),
+    r = run([*APT_LOCKED, "apt-get", "purge", "-y", "-q", PACKAGE], env=dict(BASE_ENV, DEBIAN_FRONTEND="noninteractive"),
             timeout=300)
     R.check("apt-get purge -y aysfs", r.returncode == 0, out(r)[-2000:])
     gone = ["/usr/bin/aysfsd", "/usr/bin/aysctl", UNIT, "/etc/aysfs", "/var/cache/aysfs",
@@ -1096,13 +1292,19 @@ def main() -> int:
         print("\n".join(problems) or "tree OK")
         return 1 if problems else 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("deb", type=Path, help="the aysfs_VERSION_all.deb to install")
+    p.add_argument("deb", type=Path, help="the .deb to install on this machine (built for its release)")
+    p.add_argument("--repo", type=Path, help="the apt repository (make apt-repo) the containers install from")
+    p.add_argument("--next-repo", type=Path, help="an apt repository with the next version: the upgrade test")
+    p.add_argument("--releases", default="bookworm,trixie", help="the Debian releases booted in nspawn")
     p.add_argument("--nspawn", choices=["auto", "yes", "no"], default=os.environ.get("AYSFS_TEST_NSPAWN", "auto"),
                    help="also test under a real systemd in systemd-nspawn: auto (when it boots), yes (must), no")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("test_installed: run as root (it installs a package and mounts)", file=sys.stderr)
         return 2
+    args.deb = args.deb.resolve()
+    args.repo = args.repo.resolve() if args.repo else None
+    args.next_repo = args.next_repo.resolve() if args.next_repo else None
     if not args.deb.is_file():
         print(f"test_installed: no such .deb: {args.deb} (make deb)", file=sys.stderr)
         return 2
@@ -1121,14 +1323,18 @@ def main() -> int:
     script = Path(__file__).resolve()
     try:
         (work / "host").mkdir(mode=0o755)
-        for phase in (lambda: install(args.deb), lambda: host_phase(work / "host", script),
-                      lambda: nspawn_phase(work, args.deb, script, args.nspawn)):
+        phases: list[Callable[[], None]] = [lambda: install(args.deb), lambda: host_phase(work / "host", script)]
+        phases += [functools.partial(nspawn_phase, work, rel, args.repo, args.next_repo, script, args.nspawn)
+                   for rel in args.releases.split(",") if rel]
+        for i, phase in enumerate(phases):
+            if i == 1 and not dpkg_installed(PACKAGE):
+                continue  # the host phase needs the host install (the containers do not)
             try:
                 phase()
             except Abort as e:
                 R.note(f"phase aborted: {str(e).splitlines()[0]}")
-                if not dpkg_installed(PACKAGE):
-                    break
+            except Exception:  # a bug here or an unexpected state: reported, the other phases still run
+                R.check("the phase ran to its end", False, traceback.format_exc())
     finally:
         try:
             if dpkg_installed(PACKAGE):
@@ -1137,6 +1343,7 @@ def main() -> int:
             busy = [m for m in aysfs_mounts(Path("/proc/self/mountinfo").read_text()) if m.startswith(str(work))]
             if not busy:
                 subprocess.run(["rm", "-rf", "--one-file-system", str(work)], capture_output=True)
+    print("\n" + R.summary())
     print(f"\n{R.passed + len(R.failed)} checks in {time.monotonic() - t0:.0f} s"
           + (f"; skipped: {', '.join(R.skipped)}" if R.skipped else ""))
     for f in R.failed:
