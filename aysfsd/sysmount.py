@@ -110,8 +110,9 @@ class MountError(Exception):
     pass
 
 
-async def _run(*cmd: str) -> None:
-    r = await trio.run_process(list(cmd), capture_stdout=True, capture_stderr=True, check=False)
+async def _run(*cmd: str, env: dict[str, str] | None = None) -> None:
+    r = await trio.run_process(list(cmd), capture_stdout=True, capture_stderr=True, check=False,
+                               env={**os.environ, **env} if env else None)
     if r.returncode != 0:
         raise MountError(f"{' '.join(cmd)}: {r.stderr.decode(errors='replace').strip() or r.returncode}")
 
@@ -129,8 +130,11 @@ async def bind(source: str, target: str, read_only: bool) -> None:
 
 
 async def remount_rw(mountpoint: str) -> None:
-    """Make the FUSE session's superblock writable (its read-only bind mounts stay read-only)."""
-    await _run("mount", "-i", "-o", "remount,rw", mountpoint)
+    """Make the FUSE session's superblock writable (its read-only bind mounts stay read-only).
+
+    With the classic mount(2) call: util-linux 2.39+ (Debian 13) remounts through the new mount
+    API by default, which leaves a FUSE superblock read-only while saying it succeeded."""
+    await _run("mount", "-i", "-o", "remount,rw", mountpoint, env={"LIBMOUNT_FORCE_MOUNT2": "always"})
 
 
 async def unbind(target: str) -> bool:

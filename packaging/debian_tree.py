@@ -149,7 +149,10 @@ def run_in(root: Path, cmd: list[str], binds: list[str], binds_ro: list[str], en
     argv = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--volatile=overlay", "--as-pid2", "--console=pipe",
             "--bind=/dev/fuse", "-D", str(root), "--setenv=LANG=C.UTF-8", "--setenv=CI=" + os.environ.get("CI", "")]
     argv += [f"--bind={b}" for b in binds] + [f"--bind-ro={b}" for b in binds_ro] + [f"--setenv={e}" for e in env]
-    return subprocess.run([*argv, *cmd], stdin=subprocess.DEVNULL, env=ENV).returncode
+    # /proc/sys and /sys writable (SYSTEMD_NSPAWN_API_VFS_WRITABLE): the test suite drops the
+    # page cache (/proc/sys/vm/drop_caches) and aysfsd sets a FUSE session's read_ahead_kb
+    return subprocess.run([*argv, *cmd], stdin=subprocess.DEVNULL,
+                          env=dict(ENV, SYSTEMD_NSPAWN_API_VFS_WRITABLE="1")).returncode
 
 
 def main(argv: list[str]) -> int:
