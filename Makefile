@@ -124,7 +124,7 @@ test-debian: deps
 
 test-debian13:
 	$(TREE) run trixie make $(APT_PKGS) $(DEBIAN_PY_PKGS) --bind-ro $(CURDIR):/src -- sh -c '\
-		mkdir /root/aysfs && cd /src && tar -c --exclude-vcs --exclude=./.venv --exclude=./.venv-debian \
+		mkdir -m 0755 /srv/aysfs && cd /src && tar -c --exclude-vcs --exclude=./.venv --exclude=./.venv-debian \
 			--exclude=./build --exclude=./dist --exclude=__pycache__ --exclude=.mypy_cache --exclude=.ruff_cache \
-			--exclude=.pytest_cache --exclude=.hypothesis -f - . | tar -x -C /root/aysfs && \
-		cd /root/aysfs && make test-debian'
+			--exclude=.pytest_cache --exclude=.hypothesis -f - . | tar -x -C /srv/aysfs && \
+		cd /srv/aysfs && make test-debian'
