@@ -261,6 +261,7 @@ def test_loader_fetches_many_packs_a_few_at_a_time_each_member_once(tmp_path: Pa
             f.nursery = n
             with trio.fail_after(10):
                 counts.append(await TreeLoader(f).load(root, False))
+                await f.keeper.flushed()  # members are served from memory, written to LMDB behind
                 counts.append(await TreeLoader(f).load(root, False))  # all cached: nothing fetched
             counts.append(f.counters.packs)
             counts.append(f.counters.pack_members)
