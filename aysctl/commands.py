@@ -21,6 +21,7 @@ from aysctl import render
 from aysctl.client import ControlError, Reply, call, find_socket, request
 
 READ_TIMEOUT = 30.0  # seconds without a reply line before a request fails
+RELOAD_TIMEOUT = 120.0  # a reload checks the refs within fetch_timeout (30 s by default), then mounts
 PREFETCH_READ_TIMEOUT = 300.0  # between two prefetch events (one big blob may take a while)
 EXIT_INTERRUPTED = 130
 
@@ -94,7 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the daemon to re-read its config file."""
     try:
-        final = call(_socket(args), {"cmd": "reload"}, READ_TIMEOUT)
+        final = call(_socket(args), {"cmd": "reload"}, RELOAD_TIMEOUT)
     except ControlError as e:
         if e.code != "failed":
             raise

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 from .signing import check_public
 
 GiB = 1024**3
+LOW_SPEED_LIMIT = 1024  # bytes/s: the default of low_speed_limit (like CVMFS_LOW_SPEED_LIMIT)
+LOW_SPEED_TIME = 10.0  # seconds: the default of low_speed_time
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -43,6 +45,8 @@ class StorConfig:
     ssh_key: str | None = None
     ssh_known_hosts: str | None = None
     ssh_accept_unknown_host: bool = False
+    low_speed_limit: int | None = None  # None: [main]'s
+    low_speed_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class GridCacheConfig:
     timeout: float = 10.0
     proxy: str | None = None
     writable: bool = True
+    low_speed_limit: int | None = None  # None: [main]'s
+    low_speed_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,8 @@ class MainConfig:
     control_socket: str = "/run/aysfs/aysfsd.sock"
     fuse_root: str = "/run/aysfs/root"
     fetch_timeout: float = 30.0
+    low_speed_limit: int = LOW_SPEED_LIMIT  # a transfer below it (bytes/s) for low_speed_time fails (0: off)
+    low_speed_time: float = LOW_SPEED_TIME
     log_level: str = "info"
     trusted_keys: tuple[str, ...] = ()  # refs must be signed by one of these (none: unsigned accepted)
     metrics_listen: str = ""  # HOST:PORT of the Prometheus /metrics endpoint ("" = off)
@@ -452,7 +460,7 @@ class _Table:
 
 
 _MAIN_KEYS = ("id", "cache_dir", "cache_size", "cache_min_free", "control_socket", "fuse_root", "fetch_timeout",
-              "log_level", "trusted_keys", "metrics_listen", "profile_idle")
+              "low_speed_limit", "low_speed_time", "log_level", "trusted_keys", "metrics_listen", "profile_idle")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -465,8 +473,9 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("expected HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9477")
     return host, int(port)
-_STOR_KEYS = ("url", "cache.expiration", "timeout", "proxy", "ssh.key", "ssh.known_hosts", "ssh.accept_unknown_host")
-_CACHE_KEYS = ("mnt", "timeout", "proxy", "writable")
+_STOR_KEYS = ("url", "cache.expiration", "timeout", "proxy", "ssh.key", "ssh.known_hosts", "ssh.accept_unknown_host",
+              "low_speed_limit", "low_speed_time")
+_CACHE_KEYS = ("mnt", "timeout", "proxy", "writable", "low_speed_limit", "low_speed_time")
 _AYS_KEYS = ("id", "mnt", "name", "cache.local", "cache.grid", "prefetch.cache.local", "prefetch.cache.grid", "debug",
              "trusted_keys")
 _DEBUG_KEYS = ("debug_filter", "redis.addr", "redis.port", "redis.passwd", "redis.db")
@@ -516,7 +525,9 @@ def _main(t: _Table) -> MainConfig:
         cache_min_free=min_free,
         control_socket=t.abs_path("control_socket", d.control_socket),
         fuse_root=t.abs_path("fuse_root", d.fuse_root),
-        fetch_timeout=t.seconds("fetch_timeout", d.fetch_timeout), log_level=level.lower(),
+        fetch_timeout=t.seconds("fetch_timeout", d.fetch_timeout),
+        low_speed_limit=t.integer("low_speed_limit", d.low_speed_limit, 0),
+        low_speed_time=t.seconds("low_speed_time", d.low_speed_time), log_level=level.lower(),
         profile_idle=t.seconds("profile_idle", d.profile_idle),
         trusted_keys=_trusted_keys(t) or (), metrics_listen=listen,
     )
@@ -558,15 +569,25 @@ def _stor(t: _Table) -> StorConfig | None:
     s = StorConfig(
         url=url or "", expiration=t.integer("cache.expiration", 0, 0), timeout=t.seconds("timeout", 10.0),
         proxy=t.proxy(), ssh_key=t.opt_string("ssh.key"), ssh_known_hosts=t.opt_string("ssh.known_hosts"),
-        ssh_accept_unknown_host=t.boolean("ssh.accept_unknown_host", False),
+        ssh_accept_unknown_host=t.boolean("ssh.accept_unknown_host", False), **_low_speed(t),
     )
     return s if url else None
+
+
+def _low_speed(t: _Table) -> dict[str, Any]:
+    """A stor's or grid cache's own low_speed_limit/low_speed_time (None: [main]'s)."""
+    out: dict[str, Any] = {"low_speed_limit": None, "low_speed_time": None}
+    if "low_speed_limit" in t.values:
+        out["low_speed_limit"] = t.integer("low_speed_limit", LOW_SPEED_LIMIT, 0)
+    if "low_speed_time" in t.values:
+        out["low_speed_time"] = t.seconds("low_speed_time", LOW_SPEED_TIME)
+    return out
 
 
 def _cache(t: _Table) -> GridCacheConfig | None:
     mnt = t.location("mnt", allow_ssh=False, required=True)
     c = GridCacheConfig(mnt=mnt or "", timeout=t.seconds("timeout", 10.0), proxy=t.proxy(),
-                        writable=t.boolean("writable", True))
+                        writable=t.boolean("writable", True), **_low_speed(t))
     return c if mnt else None
 
 

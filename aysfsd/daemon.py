@@ -38,7 +38,7 @@ from .metrics import MetricsEndpoint
 from .ref import Ref, RefError, decode_ref, verify
 from .startwatch import StartWatch
 from .statejournal import Restored, StateJournal, restore
-from .stores import StoreError, open_store
+from .stores import DirStore, LowSpeed, StoreError, describe, open_store
 from .tiers import Fetcher, Source
 from .watch import watch_config
 
@@ -63,7 +63,19 @@ def _sources(cfg: Config) -> tuple[list[Source], list[Source]]:
                                ssh_known_hosts=s.ssh_known_hosts,
                                ssh_accept_unknown_host=s.ssh_accept_unknown_host), "stor")
              for s in cfg.stors]
+    set_low_speed(cfg, grid, stors)
     return grid, stors
+
+
+def set_low_speed(cfg: Config, grid: list[Source], stors: list[Source]) -> None:
+    """Each HTTP or SSH source's low-speed limit: its own low_speed_limit/low_speed_time, else
+    [main]'s (a directory's operations are bounded by its timeout alone)."""
+    own: list[tuple[int | None, float | None]] = [(c.low_speed_limit, c.low_speed_time) for c in cfg.caches]
+    own += [(s.low_speed_limit, s.low_speed_time) for s in cfg.stors]
+    for (limit, seconds), src in zip(own, grid + stors, strict=True):
+        if not isinstance(src.store, DirStore):
+            src.store.low_speed = LowSpeed(cfg.main.low_speed_limit if limit is None else limit,
+                                           cfg.main.low_speed_time if seconds is None else seconds)
 
 
 def fuse_patched() -> bool:
@@ -122,30 +134,48 @@ class Daemon:
     async def resolve(self, mp: MountPoint) -> Ref:
         """The current ref of a mount's ays from the first stor that has a valid one; when no
         stor answers, the newest validly signed one in the grid caches (only with trusted keys)
-        or else the last good one kept in the local cache."""
+        or else the last good one kept in the local cache. Bounded by `fetch_timeout` in all
+        (the grid caches get at least a second more): a slow or silent stor does not hold a
+        start or a reload longer; a stor that fails the request is marked down."""
         ays_id = mp.cfg.id
-        problems = []
+        problems: list[str] = []
         reached = False  # some stor answered (with a ref or without one)
-        for src in sorted(self.fetcher.stors, key=lambda s: s.is_down()):  # down ones last
-            try:
-                with trio.fail_after(max(1.0, self.cfg.main.fetch_timeout)):
+        bound = max(1.0, self.cfg.main.fetch_timeout)
+        deadline = trio.current_time() + bound
+        asking: Source | None = None
+        ref: Ref | None = None
+        with trio.move_on_at(deadline):
+            for src in sorted(self.fetcher.stors, key=lambda s: s.is_down()):  # down ones last
+                try:
+                    asking = src
                     raw = await src.store.fetch(ref_path(ays_id))
-                reached = True
-                if raw is None:
-                    problems.append(f"{src.name}: no ref")
+                    asking = None
+                    reached = True
+                    if raw is None:
+                        problems.append(f"{src.name}: no ref")
+                        continue
+                    got = decode_ref(raw, ays_id)
+                    self._check_trust(mp, got)
+                except RefError as e:
+                    log.error("mount %s: refused the ref from %s: %s", mp.name, src.name, e,
+                              extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id, "SOURCE": src.name})
+                    problems.append(f"{src.name}: {e}")
                     continue
-                ref = decode_ref(raw, ays_id)
-                self._check_trust(mp, ref)
-            except RefError as e:
-                log.error("mount %s: refused the ref from %s: %s", mp.name, src.name, e,
-                          extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id, "SOURCE": src.name})
-                problems.append(f"{src.name}: {e}")
-                continue
-            except (StoreError, trio.TooSlowError) as e:
-                problems.append(f"{src.name}: {e or 'timed out'}")
-                continue
+                except StoreError as e:
+                    asking = None
+                    src.mark_down(f"ref of {ays_id}: {describe(e)}")
+                    text = describe(e)
+                    problems.append(text if text.startswith(src.name) else f"{src.name}: {text}")
+                    continue
+                ref = got
+                break
+        if ref is not None:
             await self._accept(mp, ref)
             return ref
+        if asking is not None:
+            reason = f"no complete answer for the ref within fetch_timeout {bound:g}s"
+            asking.mark_down(reason)
+            problems.append(f"{asking.name}: {reason}")
         last = self._last_good(ays_id)
         trusted = self._trusted(mp)
         if last is not None and trusted:
@@ -157,7 +187,7 @@ class Daemon:
         if not reached and self.fetcher.grid:
             if trusted:
                 gref, why = await gridrefs.newest(ays_id, self.fetcher.grid, trusted, last,
-                                                  max(1.0, self.cfg.main.fetch_timeout))
+                                                  max(1.0, deadline - trio.current_time()))
                 problems += why
                 if gref is not None and (last is None or gref.revision > last.revision):
                     log.warning("mount %s: no stor answered for %s (%s); using revision %d (%s) from a grid "
@@ -346,6 +376,8 @@ class Daemon:
             for s in old:
                 await s.store.aclose()
                 await trio.to_thread.run_sync(s.store.close)
+        else:
+            set_low_speed(new, self.fetcher.grid, self.fetcher.stors)  # [main]'s may have changed
         self.fetcher.timeout = new.main.fetch_timeout
         await self.metrics.configure(new.main.metrics_listen)
         self.cache.min_free = new.main.cache_min_free.bytes_of
@@ -360,11 +392,12 @@ class Daemon:
                 await self.stop_mount(name)
             elif a != mp.cfg:
                 mp.cfg = a  # cache flags only: no remount needed
-        for name, a in wanted.items():
-            if name not in self.ops.mounts:
-                await self.start_mount(a)
-            elif name in old_by_name:
-                await self.refresh(self.ops.mounts[name])
+        async with trio.open_nursery() as n:  # at once: a reload waits one ref check's bound, not one per mount
+            for name, a in wanted.items():
+                if name not in self.ops.mounts:
+                    n.start_soon(self.start_mount, a)
+                elif name in old_by_name:
+                    n.start_soon(self.refresh, self.ops.mounts[name])
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the config file; an invalid one keeps the running config."""

@@ -247,6 +247,24 @@ def test_type_errors(tmp_path: Path) -> None:
     assert "aysfs.toml:5: [debug] redis.port: must be between 1 and 65535" in msg
 
 
+def test_low_speed_limit_main_per_source_and_errors(tmp_path: Path) -> None:
+    """[main] low_speed_limit/low_speed_time with their defaults, a stor's or grid cache's own
+    (None: [main]'s), and clear errors for what is not a limit."""
+    assert (MainConfig().low_speed_limit, MainConfig().low_speed_time) == (1024, 10.0)
+    cfg = parse('[main]\nlow_speed_limit = 0\nlow_speed_time = 2.5\n[[stor]]\nurl = "http://s"\n'
+                'low_speed_limit = 4096\n[[stor]]\nurl = "http://t"\n[[cache]]\nmnt = "/c"\nlow_speed_time = 3\n')
+    assert (cfg.main.low_speed_limit, cfg.main.low_speed_time) == (0, 2.5)
+    assert (cfg.stors[0].low_speed_limit, cfg.stors[0].low_speed_time) == (4096, None)
+    assert (cfg.stors[1].low_speed_limit, cfg.stors[1].low_speed_time) == (None, None)
+    assert (cfg.caches[0].low_speed_limit, cfg.caches[0].low_speed_time) == (None, 3.0)
+    msg = errors('[main]\nlow_speed_limit = -1\nlow_speed_time = 0\n[[stor]]\nurl = "http://s"\n'
+                 'low_speed_limit = "1KiB"\n[[cache]]\nmnt = "/c"\nlow_speed_time = "10s"\n', tmp_path)
+    assert "aysfs.toml:2: [main] low_speed_limit: must be 0 or more, got -1" in msg
+    assert "aysfs.toml:3: [main] low_speed_time: must be a positive number of seconds, got 0" in msg
+    assert "aysfs.toml:6: [[stor]] low_speed_limit: expected a whole number" in msg
+    assert "aysfs.toml:9: [[cache]] low_speed_time: expected a number of seconds" in msg
+
+
 def test_missing_id_and_mnt(tmp_path: Path) -> None:
     text = '[main]\nid = "x"\n\n[[ays]]\nname = "n"\n'
     msg = errors(text, tmp_path)

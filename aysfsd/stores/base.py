@@ -12,9 +12,6 @@ import trio
 
 T = TypeVar("T")
 
-LOW_SPEED_LIMIT = 1024  # bytes/s (the default of [main] low_speed_limit)
-LOW_SPEED_TIME = 10.0  # seconds (the default of [main] low_speed_time)
-
 
 class StoreError(Exception):
     """A store could not be reached or answered with an error (not "not found")."""
@@ -32,8 +29,8 @@ class StoreSlow(StoreTimeout):
 class LowSpeed:
     """A transfer that receives fewer than `limit` bytes/s over `seconds` fails (limit 0: off)."""
 
-    limit: int = 0  # off until the daemon sets its configured limit on the store
-    seconds: float = LOW_SPEED_TIME
+    limit: int = 0  # off until the daemon sets the configured limit (low_speed_limit) on the store
+    seconds: float = 10.0
 
 
 class Store(Protocol):
