@@ -25,7 +25,8 @@ from rich.text import Text
 
 Reply = dict[str, Any]
 
-STATE_STYLES = {"up": "green", "starting": "yellow", "stopping": "yellow", "error": "bold red"}
+STATE_STYLES = {"up": "green", "starting": "yellow", "stopping": "yellow", "error": "bold red",
+                "degraded": "bold yellow"}
 LEVEL_STYLES = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red", "critical": "bold red"}
 
 

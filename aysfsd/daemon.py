@@ -440,8 +440,10 @@ class Daemon:
         mounts = []
         for mp in sorted(self.ops.mounts.values(), key=lambda m: m.name):
             pf = mp.prefetch
+            degraded = mp.degraded() if mp.state == "up" else ""
             mounts.append({
-                "name": mp.name, "id": mp.cfg.id, "mnt": mp.cfg.mnt, "state": mp.state, "error": mp.error,
+                "name": mp.name, "id": mp.cfg.id, "mnt": mp.cfg.mnt, "state": "degraded" if degraded else mp.state,
+                "error": mp.error or degraded,
                 "root": mp.ref.root if mp.ref else None, "revision": mp.ref.revision if mp.ref else None,
                 "debug": mp.cfg.debug, "hits": mp.hits, "misses": mp.misses, "bytes_read": mp.bytes_read,
                 "bytes_by_tier": dict(mp.bytes_by_tier), "blobs_by_tier": dict(mp.bytes_by_tier.blobs),
@@ -586,6 +588,9 @@ class Daemon:
         bad = [f"{m.name}: {m.error}" for m in mounts if m.state == "error"]
         if bad:
             s += "; errors: " + "; ".join(bad)
+        degraded = [f"{m.name}: {m.degraded()}" for m in mounts if m.state == "up" and m.unreadable]
+        if degraded:
+            s += "; degraded: " + "; ".join(degraded)
         if self.status.config_error:
             s += "; config error (running the previous config)"
         if self.metrics.error:
@@ -627,6 +632,14 @@ class Daemon:
             for mp in list(self.ops.mounts.values()):
                 if mp.state == "up" and now - self._checked.get(mp.name, now) >= exp:
                     await self.refresh(mp)
+
+    async def _recheck_loop(self) -> None:
+        """Every RETRY_SECONDS, read again what made a mount degraded (see Operations.recheck_unreadable)."""
+        while True:
+            await trio.sleep(RETRY_SECONDS)
+            for mp in list(self.ops.mounts.values()):
+                if mp.state == "up" and mp.unreadable:
+                    await self.ops.recheck_unreadable(mp)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -746,6 +759,7 @@ class Daemon:
                             starting.start_soon(self.start_mount, a)
                 n.start_soon(watch_config, self.config_path, self.reload)
                 n.start_soon(self._expiry_loop)
+                n.start_soon(self._recheck_loop)
                 n.start_soon(self._flush_loop)
                 wd = notify.watchdog_interval()
                 if wd:

@@ -182,6 +182,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
         """Switch a mount to another version: new lookups see it, open files keep theirs."""
         old = mp.ref
         mp.ref = ref
+        if old is None or old.root != ref.root:
+            mp.unreadable.clear()  # (those of another version)
         self.journal.mount(mp)
         top = self.nodes[mp.top_ino]
         top.entry = mp.top_entry()
@@ -281,18 +283,34 @@ class Operations(DebugWrites, pyfuse3.Operations):
         if not node.entry.hash:
             return [], NameIndex([])
         self._need(node, DIR_INDEX, node.entry.hash, 0)
+        mp, h = node.mount, node.entry.hash
         try:
-            if node.ino == node.mount.top_ino:
-                await self._load_top(node.entry.hash, node.mount.cfg.cache_grid)
-            return await self.load_dir(node.entry.hash, grid=node.mount.cfg.cache_grid)
+            if node.ino == mp.top_ino:
+                await self._load_top(h, mp.cfg.cache_grid)
+            d = await self.load_dir(h, grid=mp.cfg.cache_grid)
         except FetchError as e:
-            node.mount.count_eio(e.cause)
-            log.error("mount %s: directory unavailable: %s", node.mount.name, e,
-                      extra={"AYSFS_MOUNT": node.mount.name, "AYS_ID": node.mount.cfg.id})
+            mp.count_eio(e.cause)
+            log.error("mount %s: directory unavailable: %s", mp.name, e,
+                      extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+            mp.unreadable_dir(h, str(e))
             raise pyfuse3.FUSEError(errno.EIO) from None
         except pyfuse3.FUSEError:  # an invalid directory object
-            node.mount.count_eio("bad_tree")
+            mp.count_eio("bad_tree")
+            mp.unreadable_dir(h, f"directory object {h} is invalid (see the log)")
             raise
+        if mp.unreadable:
+            mp.unreadable.pop(h, None)  # readable again
+        return d
+
+    async def recheck_unreadable(self, mp: MountPoint, at_most: int = 4) -> None:
+        """Read again the directories of `mp` that could not be read (the newest first), so that
+        a degraded mount is up again once its stor serves them, without waiting for a reader."""
+        for h in list(reversed(mp.unreadable))[:at_most]:
+            try:
+                await self.load_dir(h, grid=mp.cfg.cache_grid, ahead=False)
+            except (FetchError, pyfuse3.FUSEError):
+                continue
+            mp.unreadable.pop(h, None)
 
     def _child(self, parent: Node, entry: Entry, dbg: PathState | None = None,
                tree_entry: Entry | None = None) -> Node:

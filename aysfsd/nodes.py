@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from .startwatch import StartWatch
 
 
+UNREADABLE_KEPT = 64  # unreadable directories remembered per mount
+
+
 @dataclass
 class MountPoint:
     """One ays exposed as a top-level directory of the session."""
@@ -38,6 +41,7 @@ class MountPoint:
     overlay: DebugOverlay | None = None  # debug mode
     watch: StartWatch | None = None  # the start being recorded or measured (see aysfsd.startwatch)
     profile: ProfileUse | None = None  # the startup profile of the current version, if looked for
+    unreadable: dict[str, str] = field(default_factory=dict)  # directory hash -> why it could not be read
 
     @property
     def name(self) -> str:
@@ -47,6 +51,24 @@ class MountPoint:
         """One EIO answered to a reader of this mount: timeout, unavailable, corrupt (every copy
         found was), bad_tree (a directory object or blob that contradicts the tree)."""
         self.eio[cause] = self.eio.get(cause, 0) + 1
+
+    def unreadable_dir(self, h: str, why: str) -> None:
+        """Directory `h` could not be read: the mount is degraded until it can (the newest last)."""
+        self.unreadable.pop(h, None)
+        self.unreadable[h] = why
+        if len(self.unreadable) > UNREADABLE_KEPT:
+            self.unreadable.pop(next(iter(self.unreadable)))
+
+    def degraded(self) -> str:
+        """Why the mount is degraded (its root or a directory cannot be read), or "" when not."""
+        if not self.unreadable:
+            return ""
+        root = self.ref.root if self.ref is not None else ""
+        h = root if root in self.unreadable else next(reversed(self.unreadable))
+        n = len(self.unreadable)
+        what = "the root directory" if h == root else "a directory"
+        more = f" ({n} directories in all)" if n > 1 else ""
+        return f"{what} cannot be read{more}: {self.unreadable[h]}"[:400]
 
     def top_entry(self) -> Entry:
         mtime = int((self.ref.time if self.ref else self.since) * 1e9)

@@ -91,6 +91,7 @@ def test_metrics_move_by_the_right_amounts_for_each_tier(work: Path, setup: tupl
         assert s0[f'aysfs_mount_info{{id="{AYS}",mnt="{mnt}",mount="m",revision="{rev}",root="{root}"}}'] == 1
         assert s0[f"aysfs_mount_revision{{{m()}}}"] == rev
         assert s0[f"aysfs_mount_up{{{m()}}}"] == 1
+        assert s0[f"aysfs_mount_degraded{{{m()}}}"] == 0
         assert s0[f"aysfs_source_up{{{ssrc}}}"] == 1
         assert s0["aysfs_cache_limit_bytes{}"] == 10 * 1024**3
 

@@ -1,7 +1,8 @@
 """Slow and lying stors through the real daemon (issue 16, item 6): a trickling stor is a failure
 bounded by fetch_timeout and marked down, a failed READ's retry is answered at once, the
-low-speed limit fails a trickle before fetch_timeout ([main] or per stor), a reload onto a
-trickling stor returns within its bound."""
+low-speed limit fails a trickle before fetch_timeout ([main] or per stor), a reload onto
+trickling stors returns within its bound, a stor answering HTML is marked down and a mount
+whose root cannot be read is degraded (with the reason) until it reads again."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 
 from tests.harness import Daemon, ctl, wait_for
 from tests.harness import aysctl as run_aysctl
-from tests.servers import BadStor
+from tests.servers import BadStor, free_port
+from tests.test_metrics import scrape
 
 AYS = "jumpscale|slow!main"
 
@@ -150,3 +152,40 @@ def test_low_speed_limit_zero_turns_the_check_off(work: Path, stor: BadStor) -> 
         took = read_eio(mnt / "big.bin")
         assert took < 3 + 1
         assert "too slow: " not in d.log() and "no complete answer within fetch_timeout 3s" in d.log()
+
+
+def test_html_answering_stor_is_marked_down_and_the_mount_degraded(work: Path, stor: BadStor) -> None:
+    """A stor answering an HTML page for every blob: the root cannot be read, so the mount is
+    degraded with the reason (status, --json's state), up again once the stor serves blobs
+    (read again by the daemon, no reader needed); corrupt answers in a row mark it down."""
+    mnt = work / "mnt"
+    stor.mode = "html"
+    port = free_port()
+    with start(work, stor, fetch_timeout=5, timeout=2, extra_main=f'metrics_listen = "127.0.0.1:{port}"') as d:
+        assert status(work)["mounts"][0]["state"] == "up"  # nothing read yet
+        with pytest.raises(OSError) as e:
+            os.listdir(mnt)
+        assert e.value.errno == errno.EIO
+        m = status(work)["mounts"][0]
+        assert m["state"] == "degraded", m
+        assert "the root directory cannot be read" in m["error"] and "corrupt" in m["error"], m
+        assert "degraded: " in status(work)["daemon"]["status"]
+        plain = run_aysctl("status", "--socket", str(work / "aysfsd.sock")).stdout  # not a tty: plain lines
+        assert "\tdegraded\t" in plain and "the root directory cannot be read" in plain, plain
+        samples = scrape(port)
+        assert (samples['aysfs_mount_degraded{mount="jumpscale_slow_main"}'],
+                samples['aysfs_mount_up{mount="jumpscale_slow_main"}']) == (1, 0)
+        # the stor is fixed: the daemon reads the root again by itself, and the mount is up
+        stor.mode = "ok"
+        wait_for(lambda: status(work)["mounts"][0]["state"] == "up", 15, "the mount to be up again")
+        assert status(work)["mounts"][0]["error"] == ""
+        assert sorted(os.listdir(mnt)) == ["big.bin", "deep", "lib"]
+        os.listdir(mnt / "lib")
+        # HTML for every blob again: corrupt answers in a row mark the stor down
+        stor.mode = "html"
+        for i in range(3):
+            read_eio(mnt / "lib" / f"m{i}.py")
+        src = status(work)["sources"][0]
+        assert src["down"] and src["corrupt"] >= 3, src
+        assert "corrupt blobs in a row" in d.log()
+        assert status(work)["mounts"][0]["state"] == "up"  # files, not directories, failed

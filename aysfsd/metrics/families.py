@@ -96,6 +96,9 @@ def _mounts(mounts: list[Snapshot]) -> Iterator[Metric]:
                             labels=["mount"])
     rev = GaugeMetricFamily("aysfs_mount_revision", "the revision a mount serves", labels=["mount"])
     up = GaugeMetricFamily("aysfs_mount_up", "1 when the mount is up", labels=["mount"])
+    degraded = GaugeMetricFamily("aysfs_mount_degraded",
+                                 "1 when the mount is mounted but its root or a directory cannot be read",
+                                 labels=["mount"])
     read = _counter("aysfs_mount_read_bytes", "bytes returned to the mount's readers", ["mount"])
     tb = _counter("aysfs_mount_tier_bytes", "bytes had from each tier for the mount's reads", ["mount", "tier"])
     reads = _counter("aysfs_mount_tier_reads",
@@ -116,6 +119,7 @@ def _mounts(mounts: list[Snapshot]) -> Iterator[Metric]:
         if m["revision"] is not None:
             rev.add_metric([name], m["revision"])
         up.add_metric([name], 1 if m["state"] == "up" else 0)
+        degraded.add_metric([name], 1 if m["state"] == "degraded" else 0)
         read.add_metric([name], m["bytes_read"])
         miss.add_metric([name], m["misses"])
         by_tier, blobs = m["bytes_by_tier"], m.get("blobs_by_tier", {})
@@ -132,4 +136,4 @@ def _mounts(mounts: list[Snapshot]) -> Iterator[Metric]:
             pf_bytes.add_metric([name, "done"], pf["bytes_done"])
             pf_bytes.add_metric([name, "total"], pf["bytes_total"])
         pf_run.add_metric([name], 1 if pf and pf["state"] == "running" else 0)
-    yield from (info, rev, up, read, tb, reads, miss, eio, pf_blobs, pf_bytes, pf_run)
+    yield from (info, rev, up, degraded, read, tb, reads, miss, eio, pf_blobs, pf_bytes, pf_run)
