@@ -237,6 +237,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
         """The first lookup in a version not cached: its tree packs (see aysfsd.treefetch) are
         asked for beside its root object, then only what they do not bring is fetched ahead."""
         if h in self._dirs or self.cache.has(h):
+            if self.trees.claiming(h):  # another first lookup in progress (a profile's player): its claims first
+                await self.trees.wait(h)
             return
         self.trees.start(h, grid=grid)
         entries, _ = await self.load_dir(h, grid=grid, ahead=False)

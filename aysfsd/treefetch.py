@@ -43,6 +43,11 @@ class TreeLoader:
             self._claimed.popitem(last=False)
         self.fetcher.nursery.start_soon(self.load, root, grid, claimed, packs)
 
+    def claiming(self, root: str) -> bool:
+        """True while the tree index of `root` is being read and its packs' members claimed."""
+        ev = self._claimed.get(root)
+        return ev is not None and not ev.is_set()
+
     async def wait(self, root: str) -> None:
         """Return once the tree index of `root` was read (or found missing or refused) and its
         packs' members are claimed: from then on, a reader of one waits for its pack."""

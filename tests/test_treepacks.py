@@ -274,3 +274,48 @@ def test_loader_fetches_many_packs_a_few_at_a_time_each_member_once(tmp_path: Pa
     finally:
         cache.close()
     assert counts == [len(listed), 0, len(listed), len(members)]
+
+
+def test_a_first_lookup_during_another_waits_for_its_tree_pack_claims(work: Path) -> None:
+    """Two first lookups of a version (a startup profile's player and a reader): the second,
+    arriving once the root object is loaded but before the tree index came and the packs'
+    members were claimed, waits for those claims too, so the directory it then lists comes in
+    its tree pack, not alone (in process, a directory stor whose tree index comes after 1 s)."""
+    from aysfsd.fs import Operations
+
+    src = deep_tree(work / "src")
+    root = publish(src, str(work / "stor"))
+    level1 = next(e.hash for e in decode_dir(blob(work / "stor", root).read_bytes(), root) if e.name == "level1")
+    asked: list[str] = []
+
+    class SlowIndexStor(DirStore):
+        async def fetch(self, rel: str) -> bytes | None:
+            asked.append(rel)
+            if rel.startswith("trees/"):
+                await trio.sleep(1.0)
+            return await super().fetch(rel)
+
+    cache = LocalCache(str(work / "lmdb"), 16 << 20)
+    listed: list[list[str]] = []
+
+    async def main() -> None:
+        f = Fetcher(cache, [], [Source(SlowIndexStor(str(work / "stor")), "stor")], timeout=10)
+        ops = Operations(f, cache)
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            with trio.fail_after(10):
+                n.start_soon(ops.load_root, root)  # the first: waits for the index
+                while root not in ops._dirs:
+                    await trio.sleep(0.01)
+                assert tree_path(root) in asked and not ops.trees._claimed[root].is_set()
+                await ops.load_root(root)  # the second
+                entries, _ = await ops.load_dir(level1)
+                listed.append(sorted(e.name for e in entries))
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        cache.close()
+    assert listed == [sorted(os.listdir(src / "level1"))]
+    assert blob_path(level1) not in asked, asked  # it came in its tree pack
