@@ -2,10 +2,12 @@
 bounded by fetch_timeout and marked down, a failed READ's retry is answered at once, the
 low-speed limit fails a trickle before fetch_timeout ([main] or per stor), a reload onto
 trickling stors returns within its bound, a stor answering HTML is marked down and a mount
-whose root cannot be read is degraded (with the reason) until it reads again."""
+whose root cannot be read is degraded (with the reason) until it reads again, and a start on
+trickling stors is ready within fetch_timeout."""
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 import time
@@ -189,3 +191,28 @@ def test_html_answering_stor_is_marked_down_and_the_mount_degraded(work: Path, s
         assert src["down"] and src["corrupt"] >= 3, src
         assert "corrupt blobs in a row" in d.log()
         assert status(work)["mounts"][0]["state"] == "up"  # files, not directories, failed
+
+
+def _logged_at(line: str) -> datetime.datetime:
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_start_on_trickling_stors_is_bounded(work: Path, stor: BadStor) -> None:
+    """A daemon starting while both its stors trickle their refs is ready within fetch_timeout
+    (its own log's clock, not the interpreter's start), mounted at the last good version."""
+    with BadStor(stor.root) as stor2:
+        more = f'[[stor]]\nurl = "{stor2.url}"\ntimeout = 2\n'
+        with start(work, stor, fetch_timeout=5, timeout=2, more=more):
+            pass  # the ref is now the last good one in the local cache
+        stor.mode = stor2.mode = "trickle"
+        stor.prefixes = stor2.prefixes = ("refs/",)
+        with start(work, stor, fetch_timeout=5, timeout=2, more=more) as d:
+            d.wait_ready(30)
+            lines = d.log().splitlines()
+            began = _logged_at(next(x for x in reversed(lines) if " FUSE session at " in x))
+            ready = _logged_at(next(x for x in reversed(lines) if " ready: " in x))
+            took = (ready - began).total_seconds()
+            print(f"\nstart with two trickling stors: ready {took:.2f} s after the FUSE session")
+            assert took < 5 + 1
+            st = status(work)
+            assert st["mounts"][0]["state"] == "up" and st["sources"][0]["down"]
