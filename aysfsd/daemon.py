@@ -638,7 +638,7 @@ class Daemon:
         while True:
             await trio.sleep(RETRY_SECONDS)
             for mp in list(self.ops.mounts.values()):
-                if mp.state == "up" and mp.unreadable:
+                if mp.state == "up" and mp.retryable_dirs():
                     await self.ops.recheck_unreadable(mp)
 
     async def _watchdog(self, interval: float) -> None:

@@ -183,7 +183,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         old = mp.ref
         mp.ref = ref
         if old is None or old.root != ref.root:
-            mp.unreadable.clear()  # (those of another version)
+            mp.new_version()
         self.journal.mount(mp)
         top = self.nodes[mp.top_ino]
         top.entry = mp.top_entry()
@@ -298,21 +298,24 @@ class Operations(DebugWrites, pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
         except pyfuse3.FUSEError:  # an invalid directory object
             mp.count_eio("bad_tree")
-            mp.unreadable_dir(h, f"directory object {h} is invalid (see the log)")
+            mp.unreadable_dir(h, f"directory object {h} is invalid (see the log)", invalid=True)
             raise
         if mp.unreadable:
-            mp.unreadable.pop(h, None)  # readable again
+            mp.readable_dir(h)
         return d
 
     async def recheck_unreadable(self, mp: MountPoint, at_most: int = 4) -> None:
-        """Read again the directories of `mp` that could not be read (the newest first), so that
-        a degraded mount is up again once its stor serves them, without waiting for a reader."""
-        for h in list(reversed(mp.unreadable))[:at_most]:
+        """Read again the directories of `mp` whose fetch failed (the newest first), so that a
+        degraded mount is up again once its stor serves them, without waiting for a reader."""
+        for h in mp.retryable_dirs()[:at_most]:
             try:
                 await self.load_dir(h, grid=mp.cfg.cache_grid, ahead=False)
-            except (FetchError, pyfuse3.FUSEError):
+            except FetchError:
                 continue
-            mp.unreadable.pop(h, None)
+            except pyfuse3.FUSEError:
+                mp.unreadable_dir(h, f"directory object {h} is invalid (see the log)", invalid=True)
+                continue
+            mp.readable_dir(h)
 
     def _child(self, parent: Node, entry: Entry, dbg: PathState | None = None,
                tree_entry: Entry | None = None) -> Node:

@@ -42,6 +42,7 @@ class MountPoint:
     watch: StartWatch | None = None  # the start being recorded or measured (see aysfsd.startwatch)
     profile: ProfileUse | None = None  # the startup profile of the current version, if looked for
     unreadable: dict[str, str] = field(default_factory=dict)  # directory hash -> why it could not be read
+    invalid_dirs: set[str] = field(default_factory=set)  # of them, invalid objects (never readable: not retried)
 
     @property
     def name(self) -> str:
@@ -52,12 +53,28 @@ class MountPoint:
         found was), bad_tree (a directory object or blob that contradicts the tree)."""
         self.eio[cause] = self.eio.get(cause, 0) + 1
 
-    def unreadable_dir(self, h: str, why: str) -> None:
-        """Directory `h` could not be read: the mount is degraded until it can (the newest last)."""
+    def unreadable_dir(self, h: str, why: str, invalid: bool = False) -> None:
+        """Directory `h` could not be read (`invalid`: its object is, which a content address
+        never mends): the mount is degraded until it can (the newest last)."""
         self.unreadable.pop(h, None)
         self.unreadable[h] = why
+        if invalid:
+            self.invalid_dirs.add(h)
         if len(self.unreadable) > UNREADABLE_KEPT:
-            self.unreadable.pop(next(iter(self.unreadable)))
+            self.readable_dir(next(iter(self.unreadable)))
+
+    def readable_dir(self, h: str) -> None:
+        self.unreadable.pop(h, None)
+        self.invalid_dirs.discard(h)
+
+    def retryable_dirs(self) -> list[str]:
+        """The unreadable directories worth reading again (not invalid ones), the newest first."""
+        return [h for h in reversed(self.unreadable) if h not in self.invalid_dirs]
+
+    def new_version(self) -> None:
+        """The mount serves another version: what could not be read of the last one is moot."""
+        self.unreadable.clear()
+        self.invalid_dirs.clear()
 
     def degraded(self) -> str:
         """Why the mount is degraded (its root or a directory cannot be read), or "" when not."""

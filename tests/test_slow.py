@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from tests.harness import Daemon, ctl, wait_for
 from tests.harness import aysctl as run_aysctl
@@ -216,3 +218,58 @@ def test_start_on_trickling_stors_is_bounded(work: Path, stor: BadStor) -> None:
             assert took < 5 + 1
             st = status(work)
             assert st["mounts"][0]["state"] == "up" and st["sources"][0]["down"]
+
+
+def test_recheck_reads_again_what_failed_never_an_invalid_object(work: Path) -> None:
+    """What made a mount degraded is read again: a directory whose fetch failed (up again once
+    it reads), not an invalid directory object (a content address never mends: no request)."""
+    from aysfsd.cache import LocalCache
+    from aysfsd.config import AysConfig
+    from aysfsd.fs import MountPoint, Operations
+    from aysfsd.layout import blob_path, ref_path
+    from aysfsd.ref import decode_ref
+    from aysfsd.stores import DirStore
+    from aysfsd.tiers import Fetcher, Source
+
+    src = work / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("f\n")
+    root_dir = work / "stor"
+    root_dir.mkdir()
+    run_aysctl("publish", str(src), "--ays", AYS, "--stor", str(root_dir))
+    ref = decode_ref((root_dir / ref_path(AYS)).read_bytes(), AYS)
+    bad = b"not a directory object\n"
+    bad_h = hashlib.sha256(bad).hexdigest()
+    (root_dir / blob_path(bad_h)).parent.mkdir(parents=True, exist_ok=True)
+    (root_dir / blob_path(bad_h)).write_bytes(bad)
+    gone = "ab" * 32
+    asked: list[str] = []
+
+    class Counting(DirStore):
+        async def fetch(self, rel: str) -> bytes | None:
+            asked.append(rel)
+            return await super().fetch(rel)
+
+    mp = MountPoint(AysConfig(id=AYS, mnt=str(work / "mnt"), name="m"), top_ino=2, ref=ref)
+    mp.unreadable_dir(ref.root, "the stor answered HTML")
+    mp.unreadable_dir(bad_h, f"directory object {bad_h} is invalid", invalid=True)
+    mp.unreadable_dir(gone, "not found")
+    assert mp.degraded() == "the root directory cannot be read (3 directories in all): the stor answered HTML"
+    cache = LocalCache(str(work / "lmdb"), 16 << 20)
+
+    async def main() -> None:
+        f = Fetcher(cache, [], [Source(Counting(str(root_dir)), "stor")], timeout=5)
+        ops = Operations(f, cache)
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            with trio.fail_after(10):
+                await ops.recheck_unreadable(mp)
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        cache.close()
+    assert sorted(asked) == sorted([blob_path(ref.root), blob_path(gone)])
+    assert list(mp.unreadable) == [bad_h, gone] and mp.retryable_dirs() == [gone]
+    assert mp.degraded().startswith("a directory cannot be read (2 directories in all): ")
