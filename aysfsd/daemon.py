@@ -285,6 +285,10 @@ class Daemon:
         cold = not self.cache.has(ref.root)  # the version's first start on this node
         self.ops.set_ref(mp, ref)
         watch = self.arm_profile(mp, ref) if cold else None  # before the mount can be read
+        if watch is not None:
+            # the profile (and the tree, see profiles.cold_start) are looked for while the mount
+            # is bound: a reader right after the mount finds them on their way
+            self.start_profile(mp, ref, watch)
         if mp.cfg.debug and self._session_ro:
             await sysmount.remount_rw(self.fuse_root)
             self._session_ro = False
@@ -302,8 +306,6 @@ class Daemon:
             # after FUSE INIT (a bind mount needed it), which caps read-ahead at the 128 KiB default
             self._read_ahead_set = sysmount.set_read_ahead(self.fuse_root, READ_AHEAD_KB)
         mp.state, mp.error = "up", ""
-        if watch is not None:
-            self.start_profile(mp, ref, watch)
         self.start_prefetch(mp)
         log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
                  extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})

@@ -30,7 +30,7 @@ from .tree import KIND_DIR, KIND_FILE, Entry, pack_members
 
 log = logging.getLogger("aysfsd.profile")
 
-WINDOW = 8  # profile items fetched at once
+WINDOW = 24  # profile items fetched at once (the HTTP pool holds 32 connections: some stay the reader's)
 LOGGED_IGNORED = 5  # ignored items logged one by one; the rest are counted
 RECORD_SECONDS = 300.0  # an automatic recording ends after this long (from the first need)
 
@@ -248,6 +248,15 @@ async def play(ops: Operations, mp: MountPoint, profile: Profile, use: ProfileUs
         await recv.aclose()
 
 
+async def _load_tree(ops: Operations, mp: MountPoint, root: str) -> None:
+    """The version's root object and tree packs, beside the search for a profile: the reader's
+    first lookup and the profile's first items need them (errors are the reader's to report)."""
+    try:
+        await ops.load_root(root, grid=mp.cfg.cache_grid)
+    except (FetchError, pyfuse3.FUSEError) as e:
+        log.debug("mount %s: loading the tree ahead: %s", mp.name, e, extra=_extra(mp))
+
+
 # -- a cold start -------------------------------------------------------------------------------
 
 
@@ -275,6 +284,7 @@ async def cold_start(ops: Operations, mp: MountPoint, ref: Ref, watch: StartWatc
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch.run)
+            nursery.start_soon(_load_tree, ops, mp, ref.root)
             found: tuple[str, Profile] | None = await from_ref(fetcher, mp, ref, trusted, timeout)
             if found is not None:
                 use.source, use.hash = "ref", found[0]

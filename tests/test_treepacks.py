@@ -30,7 +30,7 @@ from aysfsd.treepacks import (
     plan,
     tree_path,
 )
-from tests.harness import tree_listing
+from tests.harness import tree_listing, wait_for
 from tests.servers import Nginx
 from tests.test_tiers import AYS, ForwardProxy, config, publish, start, status
 
@@ -178,6 +178,24 @@ def test_cold_walk_costs_a_few_requests_not_one_per_level(work: Path, deep: tupl
     (nginx_stor.root / tree_path(root)).unlink()  # as published by an older aysctl
     without, _ = cold_walk(work, "old", nginx_stor, stor_proxy, src)
     assert without >= DEPTH  # one level after another
+
+
+def test_a_cold_mount_loads_its_tree_before_the_first_lookup(work: Path, deep: tuple[Path, str],
+                                                            nginx_stor: Nginx, stor_proxy: ForwardProxy) -> None:
+    """A cold start fetches the version's root object and tree packs at once, beside the search
+    for a startup profile (the reader right after the mount, an app start, finds them on their
+    way), and no file content: the walk after it asks the stor nothing."""
+    src, root = deep
+    mnt = work / "mnt"
+    text = config(work / "n", [{"url": nginx_stor.url, "proxy": stor_proxy.url}], [{"id": AYS, "mnt": str(mnt)}])
+    stor_proxy.seen.clear()
+    with start(work, "n", text, [mnt]):
+        wait_for(lambda: status(work, "n")["cache"]["tree_packs"] >= 1, 15, "the tree packs, with nobody reading")
+        ahead = {path for (m, _, path), _ in stor_proxy.seen.items() if m == "GET"}
+        assert f"/{tree_path(root)}" in ahead and blob_gets(stor_proxy) <= 3  # root object, tree pack(s)
+        stor_proxy.seen.clear()
+        assert meta_listing(mnt) == meta_listing(src)
+        assert blob_gets(stor_proxy) == 0
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "bad index", "hostile index"])
