@@ -16,12 +16,12 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml packaging/pyfuse3/no-open.patch packaging/pyfuse3/build.sh
+$(VENV)/.installed: pyproject.toml $(wildcard packaging/pyfuse3/*.patch) packaging/pyfuse3/build.sh
 	@$(MAKE) --no-print-directory deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	@# pyfuse3 with aysfs's patch (kernel no_open mode, packaging/pyfuse3/README.md); PyPI's if it fails
+	@# pyfuse3 with aysfs's patches (kernel no_open mode, interrupts: packaging/pyfuse3/README.md); PyPI's if it fails
 	bash packaging/pyfuse3/build.sh $(PY) || { echo; \
 		echo "WARNING: building the patched pyfuse3 failed: .venv runs PyPI's pyfuse3 (every open and"; \
 		echo "WARNING: every directory listing stays a FUSE request; aysfsd logs which mode it runs in)"; echo; }

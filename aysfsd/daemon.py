@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import __version__, fuseguard, gridrefs, handover, notify, profiles, sysmount
+from . import __version__, fuseguard, gridrefs, handover, interrupts, notify, profiles, sysmount
 from .cache import LocalCache
 from .config import AysConfig, Config, ConfigError, load
 from .control import ControlServer
@@ -742,12 +742,19 @@ class Daemon:
             mode = "open/release per file (a debug mount at start)"
         else:
             mode = "open/release per file (pyfuse3 without aysfs's patch: every open and listing is a request)"
-        log.info("FUSE session at %s, pyfuse3 %s, %s", self.fuse_root, pyfuse3.__version__, mode)
+        if interrupts.available():
+            intr = "requests of killed callers given up (EINTR)"
+        else:
+            intr = "pyfuse3 without aysfs's interrupt patch: a killed caller's request runs to its end"
+        log.info("FUSE session at %s, pyfuse3 %s, %s; interrupts: %s", self.fuse_root, pyfuse3.__version__, mode,
+                 intr)
         try:
             async with trio.open_nursery() as n:
                 self.nursery = n
                 self.fetcher.nursery = n
                 n.start_soon(self._fuse_main)
+                if interrupts.available():
+                    n.start_soon(self.ops.callers.run)
                 if self._adopted is not None:
                     handover.ask_resend(self._fuse_fd)  # what a killed process had read, unanswered
                 n.start_soon(self._signals)

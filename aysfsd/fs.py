@@ -33,6 +33,7 @@ from .config import AysConfig
 from .debugstore import PathState
 from .fs_debug import DebugWrites
 from .fuseguard import erofs, guarded
+from .interrupts import CallerWatch
 from .nodes import MountPoint, Node, OpenFile
 from .profile import DIR_INDEX
 from .ref import Ref
@@ -78,6 +79,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         self.fetcher = fetcher
         self.cache = cache
         self.trees = TreeLoader(fetcher)
+        self.callers = CallerWatch()  # requests of dying callers given up (aysfsd.interrupts)
         self.mounts: dict[str, MountPoint] = {}  # by name
         self.nodes: dict[int, Node] = {}
         self.open_files: dict[int, OpenFile] = {}
@@ -135,6 +137,11 @@ class Operations(DebugWrites, pyfuse3.Operations):
         except TreeError as e:
             log.error("%s", e, extra={"BLOB": h})
             return None
+
+    def interrupted(self, pid: int) -> bool:
+        """Called by the patched pyfuse3 when the kernel interrupts a request of thread `pid`:
+        True answers it EINTR now (see aysfsd.interrupts)."""
+        return self.callers.on_interrupt(pid)
 
     @property
     def no_atomic_o_trunc(self) -> bool:

@@ -583,8 +583,8 @@ class BadStor:
     """A real HTTP server (threads, in this process) serving a stor directory read-only, that can
     misbehave on the paths under `prefixes` (default: blobs): `mode` "ok", "trickle" (200, the
     right length, then the body one byte every `interval` seconds), "silent" (accepts, reads the
-    request, never answers) or "html" (200 with an HTML page for every path). Every GET is
-    counted by path in `requests`. Settable while running."""
+    request, answers only once the mode is changed, closes after 60 s) or "html" (200 with an
+    HTML page for every path). Every GET is counted by path in `requests`. Settable while running."""
 
     def __init__(self, root: Path, mode: str = "ok", interval: float = 0.5,
                  prefixes: tuple[str, ...] = ("blobs/",)) -> None:
@@ -605,14 +605,25 @@ class BadStor:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a fetch cancelled) before the answer
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 rel = urllib.parse.unquote(self.path.lstrip("/"))
                 outer.requests[rel] += 1
                 mode = outer.mode if rel.startswith(outer.prefixes) else "ok"
                 if mode == "silent":
-                    outer._stop.wait(60)
-                    self.close_connection = True
-                    return
+                    # until the mode changes (then answered as the new mode says) or stop()
+                    for _ in range(1200):
+                        if outer.mode != "silent" or outer._stop.wait(0.05):
+                            break
+                    mode = outer.mode
+                    if mode == "silent" or outer._stop.is_set():
+                        self.close_connection = True
+                        return
                 if mode == "html":
                     body = b"<html><body>Welcome to our portal</body></html>\n"
                 else:
