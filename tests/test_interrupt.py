@@ -10,6 +10,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -217,3 +218,38 @@ def test_sweep_gives_up_only_dying_or_gone_callers() -> None:
     finally:
         live.kill()
         live.wait()
+
+
+HANDLED_SIGNAL_READER = """
+import ctypes, os, signal, sys
+signal.signal(signal.SIGUSR1, lambda *a: None)
+libc = ctypes.CDLL(None, use_errno=True)  # open(2) itself: Python would retry an EINTR
+fd = libc.open(sys.argv[1].encode(), os.O_RDONLY)
+print(fd, ctypes.get_errno(), os.read(fd, 100).decode() if fd >= 0 else "", flush=True)
+"""
+
+
+@needs_patch
+def test_a_signal_the_reader_handles_does_not_interrupt_its_lookup(silent: Setup) -> None:
+    """Go's SIGURG, SIGCHLD...: the kernel interrupts the request, the daemon lets it go on
+    (open(2) of a regular file must not fail with EINTR), and it ends with the right bytes."""
+    s = silent
+    p = subprocess.Popen([sys.executable, "-c", HANDLED_SIGNAL_READER, str(s.mnt / "d" / "y.txt")],
+                         stdout=subprocess.PIPE)
+    try:
+        wait_blocked(p)
+        for _ in range(3):
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(0.2)
+        wait_for(lambda: "interrupted by a signal it handles: goes on" in s.daemon.log(), 5,
+                 "the daemon to see the INTERRUPT")
+        time.sleep(2 * interrupts.POLL_SECONDS)  # and a sweep or two: not given up
+        assert p.poll() is None
+        s.stor.mode = "ok"
+        out, _ = p.communicate(timeout=EXIT_BOUND)
+    finally:
+        p.kill()
+        p.wait()
+    fd, err, text = out.decode().split()
+    assert int(fd) >= 0 and int(err) == 0 and text == "y" * 100
+    assert_each_blob_asked_once(s)
