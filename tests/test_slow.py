@@ -166,7 +166,9 @@ def test_html_answering_stor_is_marked_down_and_the_mount_degraded(work: Path, s
     stor.mode = "html"
     port = free_port()
     with start(work, stor, fetch_timeout=5, timeout=2, extra_main=f'metrics_listen = "127.0.0.1:{port}"') as d:
-        assert status(work)["mounts"][0]["state"] == "up"  # nothing read yet
+        # the mountpoint shows before the bring-up ends ("starting"); nothing read yet: up
+        wait_for(lambda: status(work)["mounts"][0]["state"] != "starting", 10, "the bring-up to end")
+        assert status(work)["mounts"][0]["state"] == "up"
         with pytest.raises(OSError) as e:
             os.listdir(mnt)
         assert e.value.errno == errno.EIO
