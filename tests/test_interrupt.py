@@ -57,7 +57,9 @@ def silent(work: Path) -> Iterator[Setup]:
     silent_paths = {str(p.relative_to(stor)) for p in (stor / "blobs").glob("*/*")} - {blob_path(root)}
     bad = BadStor(stor, mode="silent", prefixes=tuple(sorted(silent_paths))).start()
     cfg = work / "d.toml"
-    cfg.write_text(basic_config(work / "d", [bad.url], {AYS: str(work / "mnt")})
+    # low_speed_limit off: a silent stor would be a failure after low_speed_time (10 s), and
+    # the readers here must wait as long as the test needs
+    cfg.write_text(basic_config(work / "d", [bad.url], {AYS: str(work / "mnt")}, extra_main="low_speed_limit = 0")
                    .replace("fetch_timeout = 10", f"fetch_timeout = {FETCH_TIMEOUT}"))
     d = Daemon(cfg, work / "d.log").start(wait_mounts=[work / "mnt"])
     try:
