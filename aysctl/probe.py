@@ -92,15 +92,15 @@ def check_fuse() -> Check:
     except OSError as e:
         problems.append(f"/dev/fuse: {e.strerror}")
     try:
-        import pyfuse3
+        from aysfsd import fuselib
 
-        version = getattr(pyfuse3, "__version__", "?")
+        version = fuselib.summary(fuselib.describe())
     except ImportError as e:
         problems.append(f"pyfuse3: {e}")
         version = "-"
     if problems:
         return Check("fuse", "/dev/fuse", FAIL, "; ".join(problems))
-    return Check("fuse", "/dev/fuse", OK, f"kernel fuse, /dev/fuse opens, pyfuse3 {version}")
+    return Check("fuse", "/dev/fuse", OK, f"kernel fuse, /dev/fuse opens, {version}")
 
 
 def check_cache_dir(cfg: Config) -> Check:

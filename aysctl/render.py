@@ -199,6 +199,22 @@ def daemon_line(daemon: Reply) -> Text:
     return text
 
 
+def fuse_line(daemon: Reply) -> Text | None:
+    """ "fuse pyfuse3 3.5.0 with aysfs's patch (...), no_open (...)"; None from an older daemon."""
+    info = _dict(daemon.get("pyfuse3"))
+    if not info:
+        return None
+    text = Text("fuse", style="bold")
+    what = ("with aysfs's patch" if info.get("patched") is True
+            else "with aysfs's patch, ignored" if info.get("patch_ignored") is True else "without aysfs's patch")
+    text.append(f" pyfuse3 {_str(info.get('version'))} {what} ({_str(info.get('path'))}), ")
+    text.append(_str(daemon.get("fuse_mode")), style="green" if daemon.get("no_open") is True else "yellow")
+    fallback = info.get("fallback")
+    if isinstance(fallback, str) and fallback:
+        text.append(f"\n{fallback}", style="yellow")
+    return text
+
+
 def cache_line(cache: Reply) -> Text:
     """One line summarising the local cache."""
     text = Text("cache", style="bold")
@@ -226,6 +242,8 @@ def print_status(console: Console, st: Reply) -> None:
     daemon, cache = _dict(st.get("daemon")), _dict(st.get("cache"))
     mounts, sources = _dicts(st.get("mounts")), _dicts(st.get("sources"))
     console.print(daemon_line(daemon))
+    if (fuse := fuse_line(daemon)) is not None:
+        console.print(fuse)
     if upgrade := upgrade_note(st):
         console.print(Text(upgrade, style="bold yellow"))
     config_error = daemon.get("config_error")
@@ -263,6 +281,13 @@ def status_plain(st: Reply) -> list[str]:
         if isinstance(p, dict):
             lines.append(f"profile\t{_one_line(_str(m.get('name')))}\t{_str(p.get('source'))}\t{_str(p.get('state'))}\t"
                          f"{as_int(p.get('read'))}\t{as_int(p.get('items'))}")
+    daemon = _dict(st.get("daemon"))
+    info = _dict(daemon.get("pyfuse3"))
+    if info:  # pyfuse3's version, patched/ignored/unpatched, the session's mode (no_open/open)
+        patch = ("patched" if info.get("patched") is True
+                 else "ignored" if info.get("patch_ignored") is True else "unpatched")
+        lines.append(f"fuse\t{_str(info.get('version'))}\t{patch}\t{'no_open' if daemon.get('no_open') is True else 'open'}"
+                     f"\t{_one_line(_str(info.get('path')))}")
     lines.append(f"cache\t{as_int(cache.get('bytes'))}\t{as_int(cache.get('limit'))}\t{as_int(cache.get('entries'))}"
                  f"\t{_str(cache.get('state'))}\t{_one_line(_str(cache.get('reason')))}")
     for s in _dicts(st.get("sources")):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import __version__, fuseguard, gridrefs, handover, interrupts, notify, profiles, sysmount
+from . import __version__, fuseguard, fuselib, gridrefs, handover, interrupts, notify, profiles, sysmount
 from .cache import LocalCache
 from .config import AysConfig, Config, ConfigError, load
 from .control import ControlServer
@@ -37,7 +37,7 @@ from .layout import ref_path
 from .metrics import MetricsEndpoint
 from .ref import Ref, RefError, decode_ref, verify
 from .startwatch import StartWatch
-from .statejournal import Restored, StateJournal, restore
+from .statejournal import Restored, StateJournal, recorded_no_open, restore
 from .stores import DirStore, LowSpeed, StoreError, describe, open_store
 from .tiers import Fetcher, Source
 from .watch import watch_config
@@ -80,8 +80,8 @@ def set_low_speed(cfg: Config, grid: list[Source], stors: list[Source]) -> None:
 
 def fuse_patched() -> bool:
     """Whether pyfuse3 has aysfs's patch (packaging/pyfuse3/): READ and READDIR name the inode
-    when the kernel sends no handle, and symlinks may be cached."""
-    return getattr(pyfuse3, "NO_OPEN_PATCH", 0) >= 1
+    when the kernel sends no handle, and symlinks may be cached (aysfsd.fuselib)."""
+    return fuselib.patched()
 
 
 class Daemon:
@@ -460,6 +460,7 @@ class Daemon:
                        "config": self.config_path, "config_error": self.status.config_error,
                        "reloads": self.status.reloads, "reload_failures": self.status.reload_failures,
                        "internal_errors": fuseguard.unexpected_errors, "metrics": self.metrics.public(),
+                       "pyfuse3": fuselib.describe(), "no_open": self.ops.no_open, "fuse_mode": self.fuse_mode(),
                        "status": self.status_line()},
             "cache": {"dir": self.cache.path, "state": self.cache.state, "reason": self.cache.state_reason,
                       "fs_free": fs_free, "fs_size": fs_size, "min_free": min_free,
@@ -665,10 +666,18 @@ class Daemon:
         if fuse_fd is None:
             return None
         why = ""
+        state_fd = fds.get(handover.STATE_FDNAME)
         if not handover.is_fuse_device(fuse_fd):
             why = "the descriptor handed over is not /dev/fuse"
         elif not sysmount.is_mounted(self.fuse_root):
             why = f"{self.fuse_root} is no longer mounted (the connection ended)"
+        elif (state_fd is not None and recorded_no_open(StateJournal(state_fd).lines())
+              and not fuse_patched()):
+            # the kernel keeps the mode for the connection's life: it sends READs with handle 0,
+            # which a stock pyfuse3 cannot map to a file. Readers of the old session get ENOTCONN
+            # once its descriptors are closed (as after a crash without them), never wrong bytes.
+            why = ("it runs in the kernel's no_open mode, which this pyfuse3 cannot serve "
+                   f"({fuselib.summary(fuselib.describe())})")
         if why:
             log.warning("cannot resume the FUSE session: %s; mounting a new one", why)
             os.close(fuse_fd)
@@ -730,24 +739,28 @@ class Daemon:
             self.exec_fds = {handover.FUSE_FDNAME: os.dup(self._fuse_fd), handover.STATE_FDNAME: os.dup(journal.fd)}
         log.info("handed over: %d inodes, %d open files", len(self.ops.nodes), len(self.ops.open_files))
 
+    def fuse_mode(self) -> str:
+        """The kernel mode the FUSE session runs in, and why (log, `aysctl status`)."""
+        if self.ops.no_open:
+            return "no_open (kernel caches pages and listings: no OPEN/RELEASE/READDIR per file)"
+        if self._adopted is not None and self._adopted.no_open is not None:
+            return "open/release per file (the session resumed was started so)"
+        if fuse_patched():
+            return "open/release per file (a debug mount at start)"
+        return "open/release per file (pyfuse3 without aysfs's patch: every open and listing is a request)"
+
     async def run(self) -> None:
         options = set(pyfuse3.default_options)
         options |= {"fsname=" + sysmount.FSNAME, "subtype=aysfs", "allow_other", "default_permissions"}
         if self._session_ro:
             options.add("ro")
         self._start_session(options)
-        if self.ops.no_open:
-            mode = "no_open (kernel caches pages and listings: no OPEN/RELEASE/READDIR per file)"
-        elif fuse_patched():
-            mode = "open/release per file (a debug mount at start)"
-        else:
-            mode = "open/release per file (pyfuse3 without aysfs's patch: every open and listing is a request)"
         if interrupts.available():
             intr = "requests of killed callers given up (EINTR)"
         else:
             intr = "pyfuse3 without aysfs's interrupt patch: a killed caller's request runs to its end"
-        log.info("FUSE session at %s, pyfuse3 %s, %s; interrupts: %s", self.fuse_root, pyfuse3.__version__, mode,
-                 intr)
+        log.info("FUSE session at %s, %s; %s; interrupts: %s", self.fuse_root, fuselib.summary(fuselib.describe()),
+                 self.fuse_mode(), intr)
         try:
             async with trio.open_nursery() as n:
                 self.nursery = n

@@ -261,6 +261,19 @@ def restore(lines: Iterable[bytes], configs: Sequence[AysConfig],
     return out
 
 
+def recorded_no_open(lines: Iterable[bytes]) -> bool:
+    """Whether the journal says its session runs in the kernel's no_open mode (the last
+    session record; none: open mode, as journals before the mode existed)."""
+    mode = False
+    for line in lines:
+        if line.startswith(b'{"session"'):
+            try:
+                mode = bool(json.loads(line)["session"]["no_open"])
+            except (ValueError, KeyError, TypeError):
+                pass  # a torn line
+    return mode
+
+
 def snapshot_lines(mounts: Iterable[MountPoint], nodes: dict[int, Node], open_files: dict[int, OpenFile],
                    next_ino: int, next_fh: int, no_open: bool = False) -> Iterator[bytes]:
     """A compact image of the live state, exact lookup counts included."""

@@ -170,6 +170,31 @@ def test_status_rich_rendering() -> None:
         assert want in text, want
 
 
+def test_status_shows_pyfuse3_and_the_session_mode(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    fast = {"version": "3.5.0", "path": "/usr/lib/aysfs/python/pyfuse3", "patched": True,
+            "patch_ignored": False, "fallback": ""}
+    slow = {"version": "3.2.1", "path": "/usr/lib/python3/dist-packages", "patched": False, "patch_ignored": False,
+            "fallback": "no pyfuse3 in /usr/lib/aysfs/python (the package was built without aysfs's patched pyfuse3)"}
+    for info, no_open, mode, plain in (
+            (fast, True, "no_open (kernel caches pages and listings)", "fuse\t3.5.0\tpatched\tno_open\t"
+                                                                        "/usr/lib/aysfs/python/pyfuse3"),
+            (slow, False, "open/release per file (pyfuse3 without aysfs's patch)",
+             "fuse\t3.2.1\tunpatched\topen\t/usr/lib/python3/dist-packages")):
+        st = {**STATUS, "daemon": {**STATUS["daemon"], "pyfuse3": info, "no_open": no_open, "fuse_mode": mode}}
+        buf = io.StringIO()
+        render.print_status(Console(file=buf, width=220, color_system=None), st)
+        text = buf.getvalue()
+        what = "with aysfs's patch" if info["patched"] else "without aysfs's patch"
+        assert f"fuse pyfuse3 {info['version']} {what} ({info['path']}), {mode}" in text, text
+        assert ("the package was built without" in text) == bool(info["fallback"])
+        daemon.replies["status"] = [st]
+        assert run(daemon, "status") == 0
+        assert plain in capsys.readouterr().out.splitlines()
+    daemon.replies["status"] = [STATUS]  # an older daemon: no line
+    assert run(daemon, "status") == 0
+    assert not any(line.startswith("fuse") for line in capsys.readouterr().out.splitlines())
+
+
 def test_status_tolerates_missing_fields(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
     daemon.replies["status"] = [{"ok": True, "mounts": [{"name": "x"}]}]
     assert run(daemon, "status") == 0

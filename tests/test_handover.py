@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -196,12 +197,126 @@ def test_killed_daemon_is_resumed_from_kept_descriptors(work: Path, nginx_stor: 
     assert not mounted(mnt)
 
 
+PREAD = r"""
+import errno, hashlib, os, sys
+fd, off, n = (int(a) for a in sys.argv[1:4])
+try:
+    print("ok", hashlib.sha256(os.pread(fd, n, off)).hexdigest())
+except OSError as e:
+    print("err", errno.errorcode.get(e.errno, e.errno))
+"""
+
+
+def _pread_elsewhere(fd: int, off: int, n: int) -> str:
+    """pread of an inherited descriptor in a child: a read that would hang fails the test
+    by its timeout instead of hanging it."""
+    r = subprocess.run([sys.executable, "-c", PREAD, str(fd), str(off), str(n)], pass_fds=[fd],
+                       capture_output=True, text=True, timeout=60)
+    return r.stdout.strip()
+
+
+def _debian_pyfuse3(work: Path) -> Path | None:
+    """A directory holding only Debian's pyfuse3 (python3-pyfuse3, stock) for this Python, or None."""
+    import sysconfig
+
+    so = Path("/usr/lib/python3/dist-packages") / f"pyfuse3{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if not so.is_file():
+        return None
+    d = work / "debian-pyfuse3"
+    d.mkdir()
+    for f in (so, so.parent / "_pyfuse3.py"):  # the module imports its helpers from _pyfuse3
+        if f.is_file():
+            (d / f.name).symlink_to(f)
+    return d
+
+
+@pytest.mark.parametrize("unpatched", ["ignored", "debian"])
+def test_no_open_session_is_not_resumed_without_the_patch(work: Path, nginx_stor: Nginx, published: Path,
+                                                          unpatched: str) -> None:
+    """A session in the kernel's no_open mode sends READs with handle 0, which a stock pyfuse3
+    cannot map to a file: the next process, on such a pyfuse3, refuses the hand-over and mounts
+    afresh (as after a crash without the descriptors). The old session's open file answers an
+    error, never wrong bytes; new opens read right. `ignored`: AYSFS_IGNORE_PYFUSE3_PATCH=1;
+    `debian`: the second process really runs Debian's python3-pyfuse3."""
+    env = {"AYSFS_IGNORE_PYFUSE3_PATCH": "1"}
+    if unpatched == "debian":
+        d = _debian_pyfuse3(work)
+        if d is None:
+            pytest.skip("no Debian python3-pyfuse3 for this Python")
+        env = {"PYTHONPATH": str(d)}
+    d1, mnt = _start(work, nginx_stor, "d1")
+    sock = str(work / "st" / "aysfsd.sock")
+    kept: dict[str, int] = {}
+    d2 = None
+    try:
+        st1 = json.loads(aysctl("status", "--json", "--socket", sock).stdout)["daemon"]
+        if not st1["no_open"]:
+            pytest.skip(f"the first daemon runs no no_open session: {st1['fuse_mode']} (needs the patched pyfuse3)")
+        assert d1.proc is not None
+        big = mnt / "data" / "big.bin"
+        want = (published / "data" / "big.bin").read_bytes()
+        f = open(big, "rb")
+        assert f.read(4096) == want[:4096]
+        # a close sends FLUSH until the daemon has answered one ENOSYS: the fork that starts d2
+        # closes our `f` (close_fds), and with no daemon alive that FLUSH would wait forever
+        assert (mnt / "which.txt").read_text() == AYS + "\n"
+        kept = {name: _take_fd(d1.proc.pid, fd) for name, fd in _fds_of(d1.proc.pid).items()}
+        assert set(kept) == {"aysfs-fuse", "aysfs-state"}
+        d1.proc.send_signal(signal.SIGKILL)
+        d1.proc.wait(10)
+        d1.proc = None
+        for fd in kept.values():
+            os.set_inheritable(fd, True)
+        logf = open(work / "d2.log", "ab")
+        d2 = subprocess.Popen([str(BIN / "aysfsd"), "--config", str(work / "aysfs.toml"), "--log-level", "debug"],
+                              stdout=logf, stderr=subprocess.STDOUT, pass_fds=list(kept.values()),
+                              env=dict(os.environ, **env, AYSFS_HANDOVER_FDS=",".join(
+                                  f"{k}={v}" for k, v in kept.items())))
+        logf.close()
+        for fd in kept.values():
+            os.close(fd)
+        kept = {}
+        d2log = work / "d2.log"
+        wait_for(lambda: " ready: " in d2log.read_text(errors="replace") or d2.poll() is not None, 30,
+                 "the second daemon")
+        text = d2log.read_text(errors="replace")
+        assert d2.poll() is None, text
+        assert "cannot resume the FUSE session: it runs in the kernel's no_open mode, which this pyfuse3 " \
+               "cannot serve" in text, text
+        assert "resuming the FUSE session" not in text and "removed stale mount" in text, text
+        assert "Traceback" not in text, text
+        st2 = json.loads(aysctl("status", "--json", "--socket", sock).stdout)["daemon"]
+        assert st2["resumed_session"] is False and st2["no_open"] is False, st2
+        assert st2["pyfuse3"]["patched"] is False, st2
+        if unpatched == "debian":
+            assert st2["pyfuse3"]["version"] != "3.5.0" and st2["pyfuse3"]["patch_ignored"] is False, st2
+        else:
+            assert st2["pyfuse3"]["patch_ignored"] is True, st2
+        # the old session's file: what the kernel kept reads right, the rest is an error
+        first = _pread_elsewhere(f.fileno(), 0, 4096)
+        assert first in (f"ok {hashlib.sha256(want[:4096]).hexdigest()}", "err ENOTCONN", "err EIO"), first
+        tail = _pread_elsewhere(f.fileno(), len(want) - 8192, 8192)
+        assert tail in ("err ENOTCONN", "err EIO"), tail
+        f.close()
+        # the new session serves the tree
+        assert hashlib.sha256(big.read_bytes()).digest() == hashlib.sha256(want).digest()
+        assert (mnt / "which.txt").read_text() == AYS + "\n"
+    finally:
+        for fd in kept.values():
+            os.close(fd)
+        d1.stop()
+        if d2 is not None:
+            d2.send_signal(signal.SIGTERM)
+            d2.wait(20)
+    assert not mounted(mnt)
+
+
 def test_journal_restores_nodes_from_directory_objects_and_skips_what_it_cannot() -> None:
     """The journal names places (parent inode + name); entries come from the directory objects."""
     from aysfsd.config import AysConfig
     from aysfsd.nodes import MountPoint, Node
     from aysfsd.ref import Ref
-    from aysfsd.statejournal import StateJournal, restore
+    from aysfsd.statejournal import StateJournal, recorded_no_open, restore
     from aysfsd.tree import Entry
 
     root_h, sub_h = "a" * 64, "b" * 64
@@ -239,6 +354,10 @@ def test_journal_restores_nodes_from_directory_objects_and_skips_what_it_cannot(
     j2 = StateJournal()
     from aysfsd.statejournal import snapshot_lines
 
+    j2.snapshot(snapshot_lines(st.mounts.values(), st.nodes, st.open_files, st.next_ino, st.next_fh))
+    assert not recorded_no_open(j2.lines())
+    j2.session(True)
+    assert recorded_no_open(j2.lines()) and restore(j2.lines(), [cfg], lambda h: dirs.get(h)).no_open
     j2.snapshot(snapshot_lines(st.mounts.values(), st.nodes, st.open_files, st.next_ino, st.next_fh))
     again = restore(j2.lines(), [cfg], lambda h: dirs.get(h))
     assert again.nodes[5].lookups == 4 and set(again.nodes) == {2, 3, 5}
