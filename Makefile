@@ -62,9 +62,9 @@ bench: bench-deps
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
-# make deb             build dist/aysfs_VERSION+deb12_all.deb with debhelper on this machine (Debian 12; as root:
+# make deb             build dist/aysfs_VERSION+deb12_ARCH.deb with debhelper on this machine (Debian 12; as root:
 #                      installs the build tools it lacks) and lint it: packaging/build-deb.sh
-# make deb-trixie      the same for Debian 13 (dist/aysfs_VERSION+deb13_all.deb), built in a Debian 13 tree
+# make deb-trixie      the same for Debian 13 (dist/aysfs_VERSION+deb13_ARCH.deb), built in a Debian 13 tree
 # make apt-repo        dist/apt: a signed apt repository of both (packaging/apt-repo.sh)
 # make test-installed  install the package through that repository on this machine and in Debian 12 and 13
 #                      system containers (a real systemd booted with systemd-nspawn), test the installed
@@ -75,8 +75,12 @@ DEB_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head 
 DEB_NEXT_VERSION = $(DEB_VERSION).post1
 HOST_DEB_RELEASE := $(shell . /etc/os-release && echo $${VERSION_ID%%.*})
 TREE := /usr/bin/python3 packaging/debian_tree.py
-# build-deb.sh in a Debian 13 tree, on this checkout (bound at /src)
-IN_TRIXIE = $(TREE) run trixie make $$(bash packaging/build-deb.sh --print-build-deps) --bind $(CURDIR):/src --
+# build-deb.sh in a Debian 13 tree, on this checkout (bound at /src). Its pip (the patched pyfuse3's
+# sdist and build tools come from PyPI) trusts the CA certificates this host trusts (e.g. a proxy's):
+# the host's bundle, bound read-only
+HOST_CA := $(firstword $(PIP_CERT) $(wildcard /etc/ssl/certs/ca-certificates.crt))
+IN_TRIXIE = $(TREE) run trixie make $$(bash packaging/build-deb.sh --print-build-deps) --bind $(CURDIR):/src \
+	$(if $(HOST_CA),--bind-ro $(HOST_CA):/etc/ssl/aysfs-host-ca.crt --setenv PIP_CERT=/etc/ssl/aysfs-host-ca.crt) --
 
 .PHONY: deb deb-trixie apt-repo apt-repo-next test-installed test-debian test-debian13
 

@@ -104,6 +104,14 @@ maint=$(sed -n 's/^ -- \(.*>\)  .*/\1/p' packaging/debian/changelog | head -1)
 deb=$(cd "$top" && ls aysfs_"$version+deb$release"_*.deb)
 cp "$top/$deb" "$out/"
 echo "build-deb: built $out/$deb"
+# the patched pyfuse3 (debian/rules builds it; without it the package falls back to python3-pyfuse3)
+if grep -q ' \./usr/lib/aysfs/python/pyfuse3/__init__\..*\.so$' <<<"$(dpkg-deb -c "$out/$deb")"; then
+    echo "build-deb: $deb carries the patched pyfuse3 in /usr/lib/aysfs/python"
+else
+    grep -B5 'WARNING: the patched pyfuse3' "$top/build.log" >&2 || true
+    echo "build-deb: WARNING: $deb has no patched pyfuse3: it runs on python3-pyfuse3, without the kernel's" \
+        "no_open mode (README.Debian; full log: $top/build.log)" >&2
+fi
 if ((!lint)); then
     exit 0
 fi

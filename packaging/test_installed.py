@@ -4,16 +4,18 @@
 Run as root with Debian's /usr/bin/python3 (the package's Python and python3-* libraries, not
 the project's venv):
 
-    /usr/bin/python3 packaging/test_installed.py dist/aysfs_VERSION+deb12_all.deb \
+    /usr/bin/python3 packaging/test_installed.py dist/aysfs_VERSION+deb12_ARCH.deb \
         [--repo dist/apt --next-repo build/apt-next] [--releases bookworm,trixie] [--nspawn auto|yes|no]
 
 1. Installs the .deb with `apt-get install ./...deb` and checks what it installed: files, the
    conffile, the aysfs group, the enabled unit, `systemd-analyze verify` of the installed unit,
-   the man pages, that the shipped config starts zero mounts, and which library versions run.
+   the man pages, that the shipped config starts zero mounts, which library versions run, and
+   that /usr/bin/aysfsd imports the package's private, patched pyfuse3.
 2. Runs the unit's commands as systemd would (systemd is not PID 1 here): ExecStart with
    NOTIFY_SOCKET, WATCHDOG_USEC/_PID and the RuntimeDirectory/CacheDirectory made, waits for
    READY=1, publishes a tree to a local stor with aysctl, makes /etc/aysfs/aysfs.toml mount it
-   and applies that with ExecReload (SIGHUP to $MAINPID), checks the mount and its bytes,
+   and applies that with ExecReload (SIGHUP to $MAINPID), checks the mount and its bytes, that
+   the daemon runs the private patched pyfuse3 and its session the kernel's no_open mode,
    `aysctl status` as root, as a member of group aysfs and as a non-member (refused), a refused
    invalid config, a crash (SIGKILL) and restart, then SIGTERM: no mount may remain.
 3. For each of Debian 12 and 13, when a real systemd can be booted here (systemd-nspawn with a
@@ -65,11 +67,12 @@ MARKER = Path("/var/tmp/aysfs-test-installed.marker")  # "aysfs was installed by
 RELEASES = {"bookworm": "12", "trixie": "13"}
 KEYRING = "/usr/share/keyrings/aysfs-archive-keyring.gpg"
 APT_LOCKED = ["flock", "/tmp/aysfs-apt.lock"]  # apt and dpkg on this machine: one user at a time
+PYFUSE3_DIR = "/usr/lib/aysfs/python"  # the patched pyfuse3, private (README.Debian)
 EXPECTED_FILES = [
     "/usr/bin/aysfsd", "/usr/bin/aysctl", UNIT, CONF,
     "/usr/share/man/man8/aysfsd.8.gz", "/usr/share/man/man1/aysctl.1.gz", "/usr/share/man/man5/aysfs.toml.5.gz",
     "/usr/share/aysfs/vendor/inotify_simple.py", "/usr/share/doc/aysfs/README.Debian",
-    "/usr/share/doc/aysfs/copyright",
+    "/usr/share/doc/aysfs/copyright", PYFUSE3_DIR + "/pyfuse3",
 ]
 
 
@@ -637,6 +640,7 @@ def scenario(t: Target, script: Path) -> None:
 
     r = t.run(["aysctl", "status"])
     R.check("aysctl status as root lists the mount", r.returncode == 0 and MOUNT_NAME in r.stdout, out(r))
+    fast_path(t, "")
     with test_users(t) as (member, stranger):
         r = t.run(["aysctl", "status"], user=member)
         R.check(f"aysctl status as {member} (group aysfs)", r.returncode == 0 and MOUNT_NAME in r.stdout, out(r))
@@ -697,6 +701,15 @@ def scenario(t: Target, script: Path) -> None:
     r = t.run(["sh", "-c", f'rm -f "{CONF}" && cp -p "{share}/aysfs.toml.orig" "{CONF}" && cmp "{CONF}" '
                f'/dev/stdin < "{share}/aysfs.toml.orig" && test ! -L "{CONF}"'])
     R.check(f"{CONF} restored (the shipped file, not a symlink)", r.returncode == 0, out(r))
+
+
+def fast_path(t: Target, when: str) -> None:
+    """The daemon runs the package's private patched pyfuse3, its session the kernel's no_open mode."""
+    d = (t.status() or {}).get("daemon", {})
+    info = d.get("pyfuse3") or {}
+    R.check(f"{when}aysfsd runs the private patched pyfuse3 ({PYFUSE3_DIR}) and a no_open session",
+            str(info.get("path", "")).startswith(f"{PYFUSE3_DIR}/pyfuse3") and info.get("patched") is True
+            and d.get("no_open") is True, json.dumps({k: d.get(k) for k in ("pyfuse3", "no_open", "fuse_mode")}))
 
 
 # -- an upgrade N -> N+1 under a reader ------------------------------------------------------------
@@ -791,16 +804,21 @@ def install(deb: Path) -> None:
     r = run(["/usr/bin/aysctl", "status", "--socket", "/run/aysfs-test-nothing.sock"])
     R.check("aysctl status without a daemon: exit 3, 'not running'",
             r.returncode == 3 and "not running" in r.stderr, out(r))
-    probe = ("import aysfsd, aysctl, importlib.metadata as m, inotify_simple\n"
+    # the path /usr/bin/aysfsd sets up (packaging/debian/scripts/aysfsd)
+    probe = ("import sys; sys.path.append('/usr/share/aysfs/vendor')\n"
+             f"from aysfsd import fuselib; fuselib.use_private({PYFUSE3_DIR!r})\n"
+             "import aysfsd, aysctl, importlib.metadata as m, inotify_simple, pyfuse3\n"
              "print(aysfsd.__file__); print(inotify_simple.__file__)\n"
-             "print(' '.join(f'{d}={m.version(d)}' for d in ('pyfuse3','trio','httpx','redis','paramiko','rich','lmdb')))")
-    r = run(["/usr/bin/python3", "-c", "import sys; sys.path.append('/usr/share/aysfs/vendor')\n" + probe])
-    lines = r.stdout.splitlines()
+             "print(pyfuse3.__file__, pyfuse3.__version__, fuselib.patched(), repr(fuselib.describe()['fallback']))\n"
+             "print(' '.join(f'{d}={m.version(d)}' for d in ('trio','httpx','redis','paramiko','rich','lmdb')))")
+    r = run(["/usr/bin/python3", "-c", probe])
+    lines = r.stdout.splitlines() + ["", "", ""]
     R.check("aysfsd comes from Debian's dist-packages, inotify_simple from /usr/share/aysfs/vendor",
             r.returncode == 0 and lines[0].startswith("/usr/lib/python3/dist-packages/aysfsd/")
             and lines[1].startswith("/usr/share/aysfs/vendor/"), out(r))
-    if len(lines) > 2:
-        R.note("Debian's libraries in use: " + lines[2])
+    R.check(f"aysfsd's pyfuse3 is the package's private, patched build ({PYFUSE3_DIR}, NO_OPEN_PATCH)",
+            r.returncode == 0 and lines[2].startswith(f"{PYFUSE3_DIR}/pyfuse3/") and " True " in lines[2], out(r))
+    R.note(f"pyfuse3: {lines[2]}; Debian's libraries in use: {lines[3]}")
 
 
 def _help_words(argv: list[str]) -> tuple[set[str], set[str]]:
@@ -1031,6 +1049,7 @@ def upgrade(t: NspawnTarget, server: RepoServer, next_version: str) -> None:
             not counts["errors"] and counts["listings"] > 5 and counts["reads"] > 5, json.dumps(counts))
     r = t.run(["/usr/bin/python3", f"{share}/test_installed.py", "verify-tree", f"{share}/src", mnt])
     R.check("after the upgrade the mount serves the published tree", r.returncode == 0, out(r))
+    fast_path(t, "after the upgrade ")
     t.stop()
     r = t.run(["sh", "-c", f'cp -p "{share}/aysfs.toml.orig" "{CONF}"'])
     R.check(f"{CONF} restored", r.returncode == 0, out(r))
