@@ -7,14 +7,18 @@ import random
 import shutil
 import socket
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from aysfsd.profile import decode
+from tests import test_profiles as profiles
 from tests.harness import Daemon, aysctl, ctl, wait_for
 from tests.servers import Nginx, free_port
 from tests.test_tiers import config
+from tests.test_tiers import start as start_named
 
 AYS = "jumpscale|metrics!main"
 SIZE = 300 * 1024  # one blob: above the pack limit (128 KiB) and the sibling prefetch (256 KiB)
@@ -202,3 +206,53 @@ def test_metrics_address_taken_is_a_clear_error_and_mounts_still_serve(work: Pat
             assert d.stop() == 0
     finally:
         taken.close()
+
+
+@pytest.fixture
+def logged_stor(work: Path) -> Iterator[Nginx]:
+    server = Nginx(work / "stor", work / "nginx", put=True, access_log=True).start()
+    yield server
+    server.stop()
+
+
+def test_startup_profile_progress(work: Path, logged_stor: Nginx) -> None:
+    """A profile recorded by an operator and published; the
+    next cold start plays it: source, state, items, what it fetched, and the items its start read,
+    scraped exactly as `aysctl status` reports them."""
+    tree, stor = profiles.make_tree(work), logged_stor
+    root = profiles.publish(tree, stor.url)
+    m1, m2, out = work / "m1", work / "m2", work / "start.profile"
+    port = free_port()
+    cfg1 = config(work / "n1", [{"url": stor.url}], [{"id": profiles.AYS, "mnt": str(m1)}],
+                  metrics_listen=f"127.0.0.1:{port}")
+    with start_named(work, "n1", cfg1, [m1]):
+        name = profiles.mount_status(work, "n1")["name"]
+        proc = profiles.record(work, "n1", out, "--idle", "60")
+        profiles.app_start(m1, tree)
+        p = profiles.mount_status(work, "n1")["profile"]
+        s = scrape(port)
+        assert s[f"aysfs_mount_profile_info{{{m(name, source=p['source'], state=p['state'])}}}"] == 1
+        assert s[f"aysfs_mount_profile_items{{{m(name, kind='recorded')}}}"] == p["recorded"]
+        aysctl("--socket", str(work / "n1" / "aysfsd.sock"), "profile", "stop", profiles.AYS)
+        assert proc.wait(30) == 0, proc.communicate()
+    items = len(decode(out.read_bytes(), root).items)
+    aysctl("publish", str(tree), "--ays", profiles.AYS, "--stor", stor.url, "--profile", str(out))
+
+    port = free_port()
+    cfg2 = config(work / "n2", [{"url": stor.url}], [{"id": profiles.AYS, "mnt": str(m2)}],
+                  metrics_listen=f"127.0.0.1:{port}")
+    with start_named(work, "n2", cfg2, [m2]):
+        p = profiles.wait_profile(work, "n2", "done")
+        before = scrape(port)
+        assert before[f"aysfs_mount_profile_info{{{m(name, source='ref', state='done')}}}"] == 1
+        assert before[f"aysfs_mount_profile_items{{{m(name, kind='total')}}}"] == items == p["items"]
+        assert before[f"aysfs_mount_profile_items{{{m(name, kind='ignored')}}}"] == 0
+        assert before[f"aysfs_mount_profile_items{{{m(name, kind='recorded')}}}"] == 0
+        assert before[f"aysfs_mount_profile_errors{{{m(name)}}}"] == 0
+        assert before[f"aysfs_mount_profile_fetched_blobs{{{m(name)}}}"] == p["fetched_blobs"] > 0
+        assert before[f"aysfs_mount_profile_fetched_bytes{{{m(name)}}}"] == p["fetched_bytes"] > 0
+        assert before[f"aysfs_mount_profile_items{{{m(name, kind='read')}}}"] == p["read"] < items
+        profiles.app_start(m2, tree)
+        after = scrape(port)
+        assert after[f"aysfs_mount_profile_items{{{m(name, kind='read')}}}"] == items
+        assert after[f"aysfs_mount_profile_fetched_blobs{{{m(name)}}}"] == p["fetched_blobs"]  # nothing more

@@ -35,6 +35,11 @@ START = ["lib/logging/handlers.py", "lib/json/decoder.py", *APP[:8], "data/big.b
 
 @pytest.fixture
 def tree(work: Path) -> Path:
+    return make_tree(work)
+
+
+def make_tree(work: Path) -> Path:
+    """The sample tree with the app's 24 modules."""
     src = sample_tree(work / "src")
     (src / "app").mkdir()
     rnd = random.Random(8)

@@ -112,6 +112,17 @@ def _mounts(mounts: list[Snapshot]) -> Iterator[Metric]:
                                  labels=["mount", "kind"])
     pf_run = GaugeMetricFamily("aysfs_mount_prefetch_running", "1 while a prefetch of the mount runs",
                                labels=["mount"])
+    pr_info = InfoMetricFamily("aysfs_mount_profile", "the startup profile of the version a mount serves: "
+                               "where it came from (ref, grid, none) and its state", labels=["mount"])
+    pr_items = GaugeMetricFamily("aysfs_mount_profile_items", "startup profile items: total (in the profile), "
+                                 "read (by the start so far), ignored (not in the tree), recorded",
+                                 labels=["mount", "kind"])
+    pr_blobs = GaugeMetricFamily("aysfs_mount_profile_fetched_blobs", "blobs the startup profile fetched ahead",
+                                 labels=["mount"])
+    pr_bytes = GaugeMetricFamily("aysfs_mount_profile_fetched_bytes", "bytes the startup profile fetched ahead",
+                                 labels=["mount"])
+    pr_errors = GaugeMetricFamily("aysfs_mount_profile_errors", "startup profile fetches that failed",
+                                  labels=["mount"])
     for m in mounts:
         name = str(m["name"])
         info.add_metric([name], {"id": str(m["id"]), "mnt": str(m["mnt"]), "root": str(m["root"] or ""),
@@ -136,4 +147,13 @@ def _mounts(mounts: list[Snapshot]) -> Iterator[Metric]:
             pf_bytes.add_metric([name, "done"], pf["bytes_done"])
             pf_bytes.add_metric([name, "total"], pf["bytes_total"])
         pf_run.add_metric([name], 1 if pf and pf["state"] == "running" else 0)
-    yield from (info, rev, up, degraded, read, tb, reads, miss, eio, pf_blobs, pf_bytes, pf_run)
+        pr = m.get("profile")
+        if isinstance(pr, Mapping):
+            pr_info.add_metric([name], {"source": str(pr.get("source", "")), "state": str(pr.get("state", ""))})
+            for kind, key in (("total", "items"), ("read", "read"), ("ignored", "ignored"), ("recorded", "recorded")):
+                pr_items.add_metric([name, kind], pr.get(key, 0))
+            pr_blobs.add_metric([name], pr.get("fetched_blobs", 0))
+            pr_bytes.add_metric([name], pr.get("fetched_bytes", 0))
+            pr_errors.add_metric([name], pr.get("errors", 0))
+    yield from (info, rev, up, degraded, read, tb, reads, miss, eio, pf_blobs, pf_bytes, pf_run,
+                pr_info, pr_items, pr_blobs, pr_bytes, pr_errors)
