@@ -5,6 +5,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,9 +46,11 @@ def test_the_private_pyfuse3_is_used_when_it_loads_else_the_next_one(tmp_path: P
 
     import pyfuse3
 
-    installed = Path(pyfuse3.__file__).parent
     got = _private(tmp_path)  # no directory at all
     assert got["file"] == pyfuse3.__file__ and "no pyfuse3 in" in str(got["fallback"]), got
+    installed = Path(pyfuse3.__file__).parent
+    if not Path(pyfuse3.__file__).name.startswith("__init__."):  # Debian 12's 3.2: one module file
+        pytest.skip(f"pyfuse3 {pyfuse3.__version__} is not a package directory to copy: {pyfuse3.__file__}")
 
     shutil.copytree(installed, tmp_path / "python" / "pyfuse3")  # a copy that loads
     got = _private(tmp_path)
