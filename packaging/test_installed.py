@@ -809,15 +809,17 @@ def install(deb: Path) -> None:
              f"from aysfsd import fuselib; fuselib.use_private({PYFUSE3_DIR!r})\n"
              "import aysfsd, aysctl, importlib.metadata as m, inotify_simple, pyfuse3\n"
              "print(aysfsd.__file__); print(inotify_simple.__file__)\n"
-             "print(pyfuse3.__file__, pyfuse3.__version__, fuselib.patched(), repr(fuselib.describe()['fallback']))\n"
+             "print(pyfuse3.__file__, pyfuse3.__version__, fuselib.patched(), getattr(pyfuse3, 'AYSFS_INTERRUPT', 0) >= 1,"
+             " repr(fuselib.describe()['fallback']))\n"
              "print(' '.join(f'{d}={m.version(d)}' for d in ('trio','httpx','redis','paramiko','rich','lmdb')))")
     r = run(["/usr/bin/python3", "-c", probe])
     lines = r.stdout.splitlines() + ["", "", ""]
     R.check("aysfsd comes from Debian's dist-packages, inotify_simple from /usr/share/aysfs/vendor",
             r.returncode == 0 and lines[0].startswith("/usr/lib/python3/dist-packages/aysfsd/")
             and lines[1].startswith("/usr/share/aysfs/vendor/"), out(r))
-    R.check(f"aysfsd's pyfuse3 is the package's private, patched build ({PYFUSE3_DIR}, NO_OPEN_PATCH)",
-            r.returncode == 0 and lines[2].startswith(f"{PYFUSE3_DIR}/pyfuse3/") and " True " in lines[2], out(r))
+    R.check(f"aysfsd's pyfuse3 is the package's private build with every patch of build.sh ({PYFUSE3_DIR}, "
+            "NO_OPEN_PATCH, AYSFS_INTERRUPT)",
+            r.returncode == 0 and lines[2].startswith(f"{PYFUSE3_DIR}/pyfuse3/") and " True True " in lines[2], out(r))
     R.note(f"pyfuse3: {lines[2]}; Debian's libraries in use: {lines[3]}")
 
 
