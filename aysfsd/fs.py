@@ -64,6 +64,7 @@ SIBLING_MAX_SIZE = 256 * 1024  # small files of a directory are fetched together
 SIBLING_MAX_FILES = 256  # ...up to this many at a time
 READAHEAD_CHUNKS = 2  # chunks a sequential reader has fetched ahead of it
 PACKS_AT_ONCE = 16  # packs of a directory fetched together (see _fetch_siblings)
+_S_IF = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_LINK: stat.S_IFLNK}
 
 
 class Operations(DebugWrites, pyfuse3.Operations):
@@ -367,20 +368,23 @@ class Operations(DebugWrites, pyfuse3.Operations):
         return out
 
     def _attr(self, ino: int, e: Entry, timeout: float = TREE_TIMEOUT) -> pyfuse3.EntryAttributes:
+        # once per entry of every READDIRPLUS reply: nothing here that pyfuse3 already zeroes
+        # (generation, uid, gid, rdev)
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        a.generation = 0
         a.entry_timeout = timeout
         a.attr_timeout = timeout
-        kind = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_LINK: stat.S_IFLNK}[e.kind]
-        a.st_mode = kind | e.mode
-        a.st_nlink = 2 if e.kind == KIND_DIR else 1
-        a.st_uid = 0
-        a.st_gid = 0
-        a.st_rdev = 0
-        a.st_size = e.size if e.kind != KIND_DIR else 4096
+        if e.kind == KIND_DIR:
+            a.st_mode = stat.S_IFDIR | e.mode
+            a.st_nlink = 2
+            a.st_size = 4096
+            a.st_blocks = 8
+        else:
+            a.st_mode = _S_IF[e.kind] | e.mode
+            a.st_nlink = 1
+            a.st_size = e.size
+            a.st_blocks = (e.size + 511) // 512
         a.st_blksize = 128 * 1024
-        a.st_blocks = (a.st_size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
         return a
 
@@ -520,10 +524,18 @@ class Operations(DebugWrites, pyfuse3.Operations):
         names = self._encoded_names(parent.entry.hash, entries)
         if not self._dots(parent.ino, start_id, token):
             return
-        child, attr, reply = self._child, self._node_attr, pyfuse3.readdir_reply
+        if parent.children is None:
+            parent.children = {}
+        # _child and _node_attr inlined for a directory of the tree (no debug overlay here):
+        # a big listing runs this once per entry
+        children, nodes, attr, reply = parent.children, self.nodes, self._attr, pyfuse3.readdir_reply
         for i in range(max(start_id, 2), len(entries) + 2):
-            node = child(parent, entries[i - 2])
-            if not reply(token, names[i - 2], attr(node), i + 1):
+            e = entries[i - 2]
+            ino = children.get(e.name)
+            node = nodes.get(ino) if ino is not None else None
+            if node is None or (node.entry is not e and node.entry != e):
+                node = self._child(parent, e)
+            if not reply(token, names[i - 2], attr(node.ino, e), i + 1):
                 return
             node.lookups += 1
 

@@ -1,5 +1,7 @@
 """Every FUSE handler behind a guard: pyfuse3 ends the whole session on any exception but
-FUSEError, so anything unexpected is logged with context and answered with EIO."""
+FUSEError, so anything unexpected is logged with context and answered with EIO. The guard
+also writes out the state journal's pending lines before pyfuse3 replies (aysfsd.statejournal):
+whatever inode a reply hands the kernel is journaled first."""
 
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ def guarded(fn: F) -> F:
     """pyfuse3 ends the session on any exception but FUSEError: log it, answer EIO."""
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kw: Any) -> Any:
+    async def wrapper(ops: Any, *args: Any, **kw: Any) -> Any:
         try:
-            return await fn(*args, **kw)
+            return await fn(ops, *args, **kw)
         except pyfuse3.FUSEError:
             raise
         except trio.Cancelled:
@@ -32,8 +34,10 @@ def guarded(fn: F) -> F:
         except Exception:
             global unexpected_errors
             unexpected_errors += 1
-            log.exception("unexpected error in %s%r", fn.__name__, args[1:])
+            log.exception("unexpected error in %s%r", fn.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            ops.journal.flush()  # never raises
 
     return wrapper  # type: ignore[return-value]
 
