@@ -15,6 +15,7 @@ squashfs image of the same tree. Every figure is measured in this run, on this d
     BENCH_RESULTS=DIR       write results.md/.json/ratios.png (and profiles, traces) there
     BENCH_PROFILE=row,row   py-spy record aysfsd during these rows (bench/results/profile-ROW.txt)
     BENCH_SKIP_100K=1       skip the 100,000-file tree
+    BENCH_SKIP_50K=1        skip the 50,000-file directory listing (native, aysfs, squashfuse)
     BENCH_AYSFSD="CMD"      run this instead of .venv/bin/aysfsd (A/B a patched daemon)
     BENCH_FUSE_TRACE=1      count the FUSE requests of every row of aysfs and squashfuse (kernel
                             tracepoints) into bench/results/fuse-requests.md
@@ -573,6 +574,77 @@ def tree_100k(work: Path, cleanup: Cleanup, results: Results) -> None:
         peer.unmount()
 
 
+BIGDIR_FILES = 50_000
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def big_dir(work: Path, cleanup: Cleanup, results: Results, only: set[str]) -> None:
+    """`ls -f` of one directory of 50,000 tiny files (issue 15): cold (a fresh mount, empty cache,
+    page cache dropped), warm (page cache, dentries and inodes dropped before each run: the
+    kernel asks for the whole listing again, the local cache holds it) and hot (kernel caches).
+    aysfs publishes to a directory stor; squashfuse mounts an image; native is the source."""
+    home = work / "src" / "home"
+    big = home / "lib" / PYVER / "big"
+    big.mkdir(parents=True)
+    for i in range(BIGDIR_FILES):
+        (big / f"f{i:05}.txt").write_bytes(b"%d\n" % i)
+    peers: list[Peer] = [Native(work, cleanup, home),
+                         Aysfs(work, cleanup, big.parent, str(work / "stor"), name="aysfs", ays_id="bench|bigdir!main"),
+                         Squashfuse(work, cleanup, big.parent)]
+    peers = [p for p in peers if p.native or not only or p.name in only]
+    keys = ("d50k_cold", "d50k_warm", "d50k_hot")
+    for k in keys:
+        for name in ("rclone", "httpdirfs"):
+            results[k][name] = Cell(na="not measured here")
+    want = BIGDIR_FILES + 2  # with . and ..
+
+    def listing(p: Peer, c: Cell) -> None:
+        t0 = time.perf_counter()
+        r = subprocess.run(["ls", "-f", str(p.root / "big")], stdout=subprocess.PIPE, timeout=600)
+        c.runs.append(time.perf_counter() - t0)
+        n = r.stdout.count(b"\n")
+        # squashfuse lists no . and .. (its row is not WRONG for that; aysfs's would be)
+        ok = n == want or (n == BIGDIR_FILES and p.name == "squashfuse")
+        if (r.returncode != 0 or not ok) and not c.wrong:
+            c.wrong = f"ls -f listed {n} entries (exit {r.returncode}), expected {want}"
+
+    log(f"50,000-file directory: {', '.join(p.name for p in peers)}")
+    for p in peers:
+        cells = {k: results[k].setdefault(p.name, Cell()) for k in keys}
+        try:
+            p.prepare()
+            p.mount_cold()
+            listing(p, cells["d50k_cold"])
+            cpu: list[float] = []
+            for _ in range(RUNS):
+                drop_caches()
+                c0 = cpu_seconds(p.proc.pid) if p.proc is not None else 0.0
+                listing(p, cells["d50k_warm"])
+                if p.proc is not None:
+                    cpu.append(cpu_seconds(p.proc.pid) - c0)
+            for _ in range(RUNS):
+                listing(p, cells["d50k_hot"])
+            for c in cells.values():
+                c.value = statistics.median(c.runs)
+            log(f"  {p.name:10} cold {cells['d50k_cold'].value:.3f} s, warm {cells['d50k_warm'].value:.3f} s"
+                + (f" (daemon CPU {statistics.median(cpu):.3f} s)" if cpu else "")
+                + f", hot {cells['d50k_hot'].value:.3f} s"
+                + (f"  WRONG: {cells['d50k_cold'].wrong or cells['d50k_warm'].wrong}" if any(
+                    c.wrong for c in cells.values()) else ""))
+        except Exception as e:
+            log(f"  {p.name}: 50,000-file directory failed: {e!r}\n{traceback.format_exc()}")
+            for c in cells.values():
+                if c.value is None:
+                    c.na = f"error: {str(e)[:150]}"
+        finally:
+            p.unmount()
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -643,6 +715,11 @@ def main() -> int:
             rb.run()
             rres = rb.results
             link_notes = rb.link_notes
+        if os.environ.get("BENCH_SKIP_50K", "") in ("", "0"):
+            big_dir(work / "d50k", cleanup, results, only)
+        else:
+            for k in ("d50k_cold", "d50k_warm", "d50k_hot"):
+                del results[k]
         if os.environ.get("BENCH_SKIP_100K", "") in ("", "0"):
             tree_100k(work / "t100k", cleanup, results)
         else:
