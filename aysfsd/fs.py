@@ -74,6 +74,11 @@ class Operations(DebugWrites, pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
     cache_symlinks = True  # patched pyfuse3: a symlink's target is fixed for its inode
+    # patched pyfuse3: the kernel's READDIRPLUS_AUTO. It asks READDIRPLUS for a directory's first
+    # reply and where lookups follow a listing, plain READDIR otherwise: `ls -f`, `find` and
+    # os.listdir of a big directory then make the kernel no inode per entry (a 50,000-entry
+    # listing: see bench/README.md). A plain reply's entries take no lookup count (token.plus).
+    readdirplus_auto = True
 
     def __init__(self, fetcher: Fetcher, cache: LocalCache) -> None:
         super().__init__()
@@ -181,6 +186,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         top = self.nodes.get(mp.top_ino)
         if top is not None:
             top.children = None
+            top.ino_base = 0
             top.lookups = 0
         if notify_kernel:
             pyfuse3.invalidate_entry_async(ROOT_INO, name.encode(), ignore_enoent=True)
@@ -198,6 +204,9 @@ class Operations(DebugWrites, pyfuse3.Operations):
         if old is not None and old.root != ref.root:
             names = list(top.children or ())
             top.children = None
+            if top.ino_base:
+                top.ino_base = 0  # another version's entries: numbers of their own
+                self.journal.base(top.ino, 0, 0)
             for name in names:
                 pyfuse3.invalidate_entry_async(mp.top_ino, name.encode("utf-8", "surrogateescape"),
                                                ignore_enoent=True)
@@ -326,7 +335,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
             mp.readable_dir(h)
 
     def _child(self, parent: Node, entry: Entry, dbg: PathState | None = None,
-               tree_entry: Entry | None = None) -> Node:
+               tree_entry: Entry | None = None, index: int = -1) -> Node:
+        """The node of `entry` (at `index` of its directory object, when known) below `parent`."""
         if parent.children is None:
             parent.children = {}
         ino = parent.children.get(entry.name)
@@ -336,7 +346,10 @@ class Operations(DebugWrites, pyfuse3.Operations):
         elif node is None or node.entry != entry:
             # the path is for debug mode's filter and keys only: not kept for 100,000s of nodes
             path = "" if not parent.mount.cfg.debug else f"{parent.path}/{entry.name}" if parent.path else entry.name
-            node = Node(self._new_ino(), parent.mount, entry, parent.ino, path, dbg=dbg, tree_entry=tree_entry)
+            new = parent.ino_base + index if parent.ino_base and index >= 0 and dbg is None else 0
+            if not new or new in self.nodes:  # (the number a plain listing showed, unless taken)
+                new = self._new_ino()
+            node = Node(new, parent.mount, entry, parent.ino, path, dbg=dbg, tree_entry=tree_entry)
             self.nodes[node.ino] = node
             parent.children[entry.name] = node.ino
             self.journal.node(node)
@@ -422,7 +435,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         elif i is None:
             return self._negative(parent)
         else:
-            node = self._child(parent, entries[i])
+            node = self._child(parent, entries[i], index=i)
         node.lookups += 1
         return self._node_attr(node)
 
@@ -450,16 +463,26 @@ class Operations(DebugWrites, pyfuse3.Operations):
                     continue
                 node.lookups -= n
                 if node.lookups <= 0 and node.ino != node.mount.top_ino:
-                    del self.nodes[ino]
-                    self.journal.dropped(ino)
-                    self._readers.pop(ino, None)
-                    self._writers.pop(ino, None)
+                    self._drop(node)
                     parent = self.nodes.get(node.parent)
                     if parent is not None and parent.children is not None:
                         if parent.children.get(node.entry.name) == ino:
                             del parent.children[node.entry.name]
         except Exception:
             log.exception("forget failed")
+
+    def _drop(self, node: Node) -> None:
+        """A node the kernel forgot. Its children that the kernel never held (named by a plain
+        READDIR, or left over from a full reply) go with it: nothing else can reach them, and
+        the kernel holds none (it holds a directory while it holds anything below)."""
+        del self.nodes[node.ino]
+        self.journal.dropped(node.ino)
+        self._readers.pop(node.ino, None)
+        self._writers.pop(node.ino, None)
+        for ino in (node.children or {}).values():
+            child = self.nodes.get(ino)
+            if child is not None and child.lookups <= 0 and child.parent == node.ino:
+                self._drop(child)
 
     @guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -499,6 +522,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 return
         if not self._dots(fh, start_id, token):
             return
+        counts = int(getattr(token, "plus", True))  # a plain READDIR's entries take no lookup
         if fh == ROOT_INO:
             mounts = sorted(self.mounts.values(), key=lambda m: m.name)
             for i in range(max(start_id, 2), len(mounts) + 2):
@@ -506,7 +530,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 node = self.nodes[mp.top_ino]
                 if not pyfuse3.readdir_reply(token, mp.name.encode(), self._node_attr(node), i + 1):
                     return
-                node.lookups += 1
+                node.lookups += counts
             return
         for i in range(max(start_id, 2), len(listing) + 2):
             entry, dbg, tree_entry = listing[i - 2]
@@ -514,7 +538,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
             name = entry.name.encode("utf-8", "surrogateescape")
             if not pyfuse3.readdir_reply(token, name, self._node_attr(node), i + 1):
                 return
-            node.lookups += 1
+            node.lookups += counts
 
     async def _readdir_tree(self, parent: Node, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """A directory of the published tree: the reply comes from the decoded directory object
@@ -526,18 +550,42 @@ class Operations(DebugWrites, pyfuse3.Operations):
             return
         if parent.children is None:
             parent.children = {}
+        children, nodes, reply = parent.children, self.nodes, pyfuse3.readdir_reply
+        if not getattr(token, "plus", True):
+            # a plain READDIR (patched pyfuse3, READDIRPLUS_AUTO): names, numbers and types; the
+            # kernel takes no reference, so no node is made: entry i is numbered ino_base + i
+            # and a later lookup makes its node with that number
+            base = self._ino_base(parent, len(entries))
+            a = pyfuse3.EntryAttributes()  # one for all: the reply copies st_ino and st_mode
+            for i in range(max(start_id, 2), len(entries) + 2):
+                e = entries[i - 2]
+                ino = children.get(e.name)
+                a.st_ino = ino if ino is not None else base + i - 2
+                a.st_mode = _S_IF[e.kind]
+                if not reply(token, names[i - 2], a, i + 1):
+                    return
+            return
         # _child and _node_attr inlined for a directory of the tree (no debug overlay here):
         # a big listing runs this once per entry
-        children, nodes, attr, reply = parent.children, self.nodes, self._attr, pyfuse3.readdir_reply
+        attr = self._attr
         for i in range(max(start_id, 2), len(entries) + 2):
             e = entries[i - 2]
             ino = children.get(e.name)
             node = nodes.get(ino) if ino is not None else None
             if node is None or (node.entry is not e and node.entry != e):
-                node = self._child(parent, e)
+                node = self._child(parent, e, index=i - 2)
             if not reply(token, names[i - 2], attr(node.ino, e), i + 1):
                 return
             node.lookups += 1
+
+    def _ino_base(self, parent: Node, n: int) -> int:
+        """Inode numbers for the `n` entries of a directory listed without nodes (reserved once
+        per directory inode; journaled so that a resumed daemon numbers them alike)."""
+        if not parent.ino_base:
+            parent.ino_base = self._next_ino
+            self._next_ino += n
+            self.journal.base(parent.ino, parent.ino_base, n)
+        return parent.ino_base
 
     def _encoded_names(self, h: str, entries: list[Entry]) -> list[bytes]:
         names = self._names.get(h)

@@ -21,6 +21,8 @@ was verified against its hash when fetched), so the journal needs no trust of it
 
     n INO PARENT "NAME"       a node (a snapshot adds its lookup count: n INO PARENT "NAME" LOOKUPS)
     x INO                     a node the kernel forgot
+    b DIR BASE N              a directory listed without nodes: its entry i is numbered BASE + i
+                              (aysfsd.fs, plain READDIR; `b DIR 0 0`: no longer)
     o FH INO / c FH           a file opened / released
     {"mount": ...}            a mount top, where it is bound and its version (a JSON line)
     {"unmount": NAME}
@@ -69,6 +71,7 @@ class Journal:
     def unmount(self, name: str) -> None: ...
     def node(self, node: Node) -> None: ...
     def dropped(self, ino: int) -> None: ...
+    def base(self, ino: int, base: int, n: int) -> None: ...
     def opened(self, fh: int, ino: int) -> None: ...
     def released(self, fh: int) -> None: ...
     def session(self, no_open: bool) -> None: ...
@@ -136,6 +139,9 @@ class StateJournal(Journal):
 
     def dropped(self, ino: int) -> None:
         self._put(b"x %d\n" % ino)
+
+    def base(self, ino: int, base: int, n: int) -> None:
+        self._put(b"b %d %d %d\n" % (ino, base, n))
 
     def opened(self, fh: int, ino: int) -> None:
         self._put(b"o %d %d\n" % (fh, ino))
@@ -214,6 +220,7 @@ def restore(lines: Iterable[bytes], configs: Sequence[AysConfig],
     by_name = {c.name: c for c in configs}
     tops: dict[str, dict[str, object]] = {}
     raw_nodes: dict[int, tuple[int, str, int | None]] = {}
+    bases: dict[int, int] = {}
     files: dict[int, int] = {}
     out = Restored()
     for line in lines:
@@ -225,6 +232,10 @@ def restore(lines: Iterable[bytes], configs: Sequence[AysConfig],
                 out.next_ino = max(out.next_ino, n_ino + 1)  # never hand out a number again
             elif kind == b"x":
                 raw_nodes.pop(int(line[2:]), None)
+            elif kind == b"b":
+                b_dir, b_base, b_n = (int(x) for x in line[2:].split())
+                bases[b_dir] = b_base
+                out.next_ino = max(out.next_ino, b_base + b_n)
             elif kind == b"o":
                 o_fh, o_ino = line[2:].split()
                 files[int(o_fh)] = int(o_ino)
@@ -285,6 +296,9 @@ def restore(lines: Iterable[bytes], configs: Sequence[AysConfig],
         if parent.children is None:
             parent.children = {}
         parent.children[name] = ino
+    for ino, base in bases.items():
+        if ino in out.nodes:
+            out.nodes[ino].ino_base = base
     for fh, ino in files.items():
         held = out.nodes.get(ino)
         if held is not None:
@@ -316,6 +330,8 @@ def snapshot_lines(mounts: Iterable[MountPoint], nodes: dict[int, Node], open_fi
         yield _line(mount_record(mp))
     for ino in sorted(nodes):
         node = nodes[ino]
+        if node.ino_base and node.mount.top_ino in tops:
+            yield b"b %d %d 0\n" % (ino, node.ino_base)  # (next_ino, above, covers the numbers)
         if ino in tops or node.dbg is not None or node.mount.top_ino not in tops:
             continue
         yield node_line(node, node.lookups)

@@ -9,7 +9,7 @@ PY=$(command -v "${1:?usage: build.sh PYTHON [pip install options...]}")
 PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
 shift
 VERSION=3.5.0
-PATCHES="no-open.patch interrupt.patch"  # applied in this order
+PATCHES="no-open.patch interrupt.patch readdir.patch"  # applied in this order
 SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 HERE=$(cd "$(dirname "$0")" && pwd)
 WORK=$(mktemp -d)
