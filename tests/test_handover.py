@@ -341,6 +341,10 @@ def test_journal_restores_nodes_from_directory_objects_and_skips_what_it_cannot(
     j.released(8)
     j.node(Node(6, mp, Entry("gone.txt", "f", 0o644, 1, 1, hash="e" * 64), 3))  # not in sub's object
     j.dropped(4)
+    written = j.writes
+    assert len(j.lines()) == 1  # the mount record (written at once); the rest waits for a reply
+    j.flush()
+    assert j.writes == written + 1  # nodes, opens and drops of a request: one write
     os.write(j.fd, b"n 9 3 \"torn")  # a crash in the middle of a write
     st = restore(j.lines(), [cfg], lambda h: dirs.get(h))
     assert set(st.nodes) == {2, 3, 5}
