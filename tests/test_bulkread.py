@@ -1,6 +1,7 @@
 """The bulk-read window (aysfsd.bulkread) through the real daemon, nginx and a counting proxy:
 a reader going through a tree's files in order has the next directories' packs asked for
-before it gets there; a listing, or reads out of order (an import), ask for nothing more."""
+before it gets there, up to WINDOW_BYTES ahead of it, also through a long chain of small
+directories; a listing, or reads out of order (an import), ask for nothing more."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import random
 import time
 from pathlib import Path
 
-from aysfsd.bulkread import RUN, WINDOW_DIRS
+from aysfsd.bulkread import CREDIT, RUN, WINDOW_BYTES
 from aysfsd.tree import decode_dir
 from tests.harness import stor_roots
 from tests.servers import Nginx
@@ -24,15 +25,15 @@ def blob(stor: Path, h: str) -> bytes:
     return (stor / "blobs" / h[:2] / h).read_bytes()
 
 
-def make_tree(dst: Path) -> Path:
-    """DIRS directories of FILES small files (one pack each) and a file too big for a pack."""
+def make_tree(dst: Path, big: int = 200_000) -> Path:
+    """DIRS directories of FILES small files (one pack each) and a file too big for a pack (`big` bytes)."""
     rnd = random.Random(7)
     for d in range(DIRS):
         for f in range(FILES):
             p = dst / f"d{d:02d}" / f"f{f:02d}.txt"
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(rnd.randbytes(6000))
-        (dst / f"d{d:02d}" / "z-big.bin").write_bytes(rnd.randbytes(200_000))
+        (dst / f"d{d:02d}" / "z-big.bin").write_bytes(rnd.randbytes(big))
     return dst
 
 
@@ -43,6 +44,11 @@ def dir_packs(stor: Path) -> dict[str, set[str]]:
     for e in decode_dir(blob(stor, root), root):
         out[e.name] = {x.pack or x.hash for x in decode_dir(blob(stor, e.hash), e.hash)}
     return out
+
+
+def gets(p: ForwardProxy) -> list[str]:
+    """Every GET's path, as often as it was sent."""
+    return [path for (m, _, path), n in p.seen.items() for _ in range(n) if m == "GET"]
 
 
 def pack_gets(p: ForwardProxy, packs: set[str]) -> set[str]:
@@ -59,7 +65,8 @@ def wait_gets(p: ForwardProxy, packs: set[str], timeout: float = 10.0) -> set[st
 
 def test_a_bulk_reader_keeps_the_next_directories_in_flight(work: Path, nginx_stor: Nginx,
                                                             stor_proxy: ForwardProxy) -> None:
-    src = make_tree(work / "src")
+    big = 2_000_000  # so that WINDOW_BYTES holds a few directories, not all
+    src = make_tree(work / "src", big)
     publish(src, nginx_stor.url)
     packs = dir_packs(nginx_stor.root)
     assert all(len(v) == 2 for v in packs.values())
@@ -72,12 +79,15 @@ def test_a_bulk_reader_keeps_the_next_directories_in_flight(work: Path, nginx_st
         names = sorted(p.name for p in (src / "d00").iterdir())
         for n in names[:RUN]:  # a reader going through d00 in order
             assert (mnt / "d00" / n).read_bytes() == (src / "d00" / n).read_bytes()
-        ahead = {d: packs[d] for d in (f"d{i:02d}" for i in range(1, 1 + WINDOW_DIRS))}
-        ahead["d00"] = packs["d00"]  # its big file too
+        # its big file, then whole directories until WINDOW_BYTES are asked for ahead of it
+        per_dir = sum(len(blob(nginx_stor.root, h)) for h in packs["d01"])
+        k = next(k for k in range(1, DIRS) if big + k * per_dir >= WINDOW_BYTES)
+        ahead = {d: packs[d] for d in (f"d{i:02d}" for i in range(1, 1 + k))}
+        ahead["d00"] = packs["d00"]
         got = wait_gets(stor_proxy, set().union(*ahead.values()))
         # more than one directory in flight before the reader enters any of them; not all
-        assert got == set().union(*ahead.values()) and len(ahead) > 1
-        assert not pack_gets(stor_proxy, packs[f"d{1 + WINDOW_DIRS:02d}"])
+        assert got == set().union(*ahead.values()) and k > 1 and 1 + k < DIRS
+        assert not pack_gets(stor_proxy, packs[f"d{1 + k:02d}"])
         # going on through the tree: every pack is asked for once, and by the time the reader
         # gets to a directory its pack was asked for already (the window moved along)
         for d in sorted(packs):
@@ -85,10 +95,48 @@ def test_a_bulk_reader_keeps_the_next_directories_in_flight(work: Path, nginx_st
             for n in names:
                 assert (mnt / d / n).read_bytes() == (src / d / n).read_bytes()
         assert pack_gets(stor_proxy, everything) == everything
-        gets = [path for (m, _, path), n in stor_proxy.seen.items() for _ in range(n) if m == "GET"]
-        assert len(gets) == len(set(gets))  # nothing twice
-        print(f"\nbulk read: {len(gets)} GETs for {DIRS} directories of {FILES + 1} files; "
+        assert len(gets(stor_proxy)) == len(set(gets(stor_proxy)))  # nothing twice
+        print(f"\nbulk read: {len(gets(stor_proxy))} GETs for {DIRS} directories of {FILES + 1} files; "
               f"{status(work, 'd')['cache']['packs']} packs")
+
+
+def test_the_window_follows_a_bulk_reader_through_many_small_directories(work: Path, nginx_stor: Nginx,
+                                                                         stor_proxy: ForwardProxy) -> None:
+    """tar through a test suite's data: many directories of a file or two, one pack each.
+    Each is asked for before the reader enters it (far more of them than CREDIT: every
+    directory the walk planned moves it on, however small)."""
+    rnd = random.Random(11)
+    src = work / "src"
+    for f in range(FILES):  # a directory of ordinary size starts the walk
+        p = src / "a" / f"f{f:02d}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rnd.randbytes(3000))
+    small = [f"s{i:02d}" for i in range(3 * CREDIT)]
+    for d in small:
+        for f in range(2):
+            p = src / "a" / "data" / d / f"x{f}.txt"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(rnd.randbytes(500))
+    publish(src, nginx_stor.url)
+    root = next(iter(stor_roots(nginx_stor.root)))
+    a = next(e for e in decode_dir(blob(nginx_stor.root, root), root) if e.name == "a")
+    data = next(e for e in decode_dir(blob(nginx_stor.root, a.hash), a.hash) if e.name == "data")
+    pack_of = {e.name: {x.pack for x in decode_dir(blob(nginx_stor.root, e.hash), e.hash)}
+               for e in decode_dir(blob(nginx_stor.root, data.hash), data.hash)}
+    assert all(len(v) == 1 and "" not in v for v in pack_of.values())
+    mnt = work / "mnt"
+    text = config(work / "d", [{"url": nginx_stor.url, "proxy": stor_proxy.url}], [{"id": AYS, "mnt": str(mnt)}])
+    with start(work, "d", text, [mnt]):
+        for f in range(FILES):
+            assert (mnt / "a" / f"f{f:02d}.txt").read_bytes() == (src / "a" / f"f{f:02d}.txt").read_bytes()
+        for d in small:
+            assert pack_of[d] <= wait_gets(stor_proxy, pack_of[d]), d  # asked for before any read in d
+            for f in range(2):
+                rel = Path("a", "data", d, f"x{f}.txt")
+                assert (mnt / rel).read_bytes() == (src / rel).read_bytes()
+        everything = set().union(*pack_of.values())
+        assert pack_gets(stor_proxy, everything) == everything
+        assert len(gets(stor_proxy)) == len(set(gets(stor_proxy)))  # nothing twice
 
 
 def test_listing_and_reads_out_of_order_fetch_no_other_directory(work: Path, nginx_stor: Nginx,
