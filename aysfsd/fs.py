@@ -62,7 +62,7 @@ DIR_CACHE = 8192  # decoded directory objects kept in memory
 NAMES_CACHE = 256  # directories whose encoded names are kept for readdir
 SIBLING_MAX_SIZE = 256 * 1024  # small files of a directory are fetched together...
 SIBLING_MAX_FILES = 256  # ...up to this many at a time
-READAHEAD_CHUNKS = 2  # chunks a sequential reader has fetched ahead of it
+READAHEAD_CHUNKS = 6  # chunks a sequential reader has fetched ahead of it (24 MiB)
 PACKS_AT_ONCE = 16  # packs of a directory fetched together (see _fetch_siblings)
 _S_IF = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_LINK: stat.S_IFLNK}
 

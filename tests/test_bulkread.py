@@ -1,7 +1,8 @@
 """The bulk-read window (aysfsd.bulkread) through the real daemon, nginx and a counting proxy:
 a reader going through a tree's files in order has the next directories' packs asked for
 before it gets there, up to WINDOW_BYTES ahead of it, also through a long chain of small
-directories; a listing, or reads out of order (an import), ask for nothing more."""
+directories; a listing, or reads out of order (an import), ask for nothing more; a sequential
+reader of a chunked file has READAHEAD_CHUNKS chunks asked for ahead of it, no more."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 
 from aysfsd.bulkread import CREDIT, RUN, WINDOW_BYTES
-from aysfsd.tree import decode_dir
+from aysfsd.fs import READAHEAD_CHUNKS
+from aysfsd.tree import CHUNK_SIZE, decode_dir
 from tests.harness import stor_roots
 from tests.servers import Nginx
 from tests.test_tiers import AYS, ForwardProxy, config, publish, start, status
@@ -163,3 +165,31 @@ def test_listing_and_reads_out_of_order_fetch_no_other_directory(work: Path, ngi
         st = status(work, "d")
         stor_bytes = st["mounts"][0]["bytes_by_tier"]["stor"]
         assert stor_bytes == sum(len(blob(nginx_stor.root, h)) for h in read)  # the three packs, nothing else
+
+
+def test_a_sequential_reader_has_readahead_chunks_asked_for_ahead_not_more(work: Path, nginx_stor: Nginx,
+                                                                           stor_proxy: ForwardProxy) -> None:
+    """A chunked file read from its start: READAHEAD_CHUNKS chunks are asked for ahead of the
+    reader (memory bounded in bytes), each chunk once, and the bytes are right."""
+    n = READAHEAD_CHUNKS + 3
+    src = work / "src"
+    src.mkdir()
+    content = random.Random(5).randbytes(n * CHUNK_SIZE - 1000)
+    (src / "big.bin").write_bytes(content)
+    publish(src, nginx_stor.url)
+    root = next(iter(stor_roots(nginx_stor.root)))
+    e = next(e for e in decode_dir(blob(nginx_stor.root, root), root) if e.name == "big.bin")
+    chunks = [h for h, _ in e.blobs()]
+    assert len(chunks) == n == len(set(chunks))
+    mnt = work / "mnt"
+    text = config(work / "d", [{"url": nginx_stor.url, "proxy": stor_proxy.url}], [{"id": AYS, "mnt": str(mnt)}])
+    with start(work, "d", text, [mnt]), open(mnt / "big.bin", "rb") as f:
+        assert f.read(1 << 20) == content[:1 << 20]
+        first = set(chunks[:1 + READAHEAD_CHUNKS])
+        assert wait_gets(stor_proxy, first) == first
+        time.sleep(0.5)  # anything more would be on its way
+        assert pack_gets(stor_proxy, set(chunks)) == first
+        assert f.read() == content[1 << 20:]
+        assert pack_gets(stor_proxy, set(chunks)) == set(chunks)
+        got = [g for g in gets(stor_proxy) if g.rsplit("/", 1)[1] in chunks]
+        assert len(got) == n  # each chunk once

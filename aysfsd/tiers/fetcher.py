@@ -24,7 +24,7 @@ from .sources import Search, Source, search
 
 log = logging.getLogger("aysfsd.fetch")
 
-MAX_READAHEAD = 4  # chunks fetched ahead of sequential readers at once
+MAX_READAHEAD = 8  # chunks fetched ahead of sequential readers at once (32 MiB in flight, at most)
 FAILED_SECONDS = 2.0  # a failed fetch answers its blob's next reads at once for this long
 FAILED_BLOBS = 4096  # failed fetches remembered at most
 
