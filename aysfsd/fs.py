@@ -702,6 +702,14 @@ class Operations(DebugWrites, pyfuse3.Operations):
         pieces = e.blobs()
         if off == 0 and of.next_off == 0:
             self.bulk.first_read(of.node)  # a reader going through a tree in order? (see aysfsd.bulkread)
+        if off == of.next_off and len(pieces) > 1:
+            # A sequential reader: the next chunks are fetched beside this one. Decided and moved on
+            # before any wait: the kernel sends its read-ahead READs while the first one waits.
+            nxt = (end - 1) // CHUNK_SIZE + 1
+            for h, _ in pieces[nxt:nxt + READAHEAD_CHUNKS]:
+                self.fetcher.readahead(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
+                                       account=mp.bytes_by_tier)
+        of.next_off = end
         out: list[bytes | memoryview] = []
         pos = off
         while pos < end:
@@ -737,13 +745,6 @@ class Operations(DebugWrites, pyfuse3.Operations):
             out.append(data)
             pos += n
         mp.bytes_read += end - off
-        if off == of.next_off and len(pieces) > 1:
-            # a sequential reader: fetch the next chunks while this one is consumed
-            nxt = (end - 1) // CHUNK_SIZE + 1
-            for h, _ in pieces[nxt:nxt + READAHEAD_CHUNKS]:
-                self.fetcher.readahead(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
-                                       account=mp.bytes_by_tier)
-        of.next_off = end
         return out[0] if len(out) == 1 else b"".join(out)
 
     @guarded
