@@ -295,6 +295,9 @@ class Daemon:
         if mp.cfg.debug and mp.overlay is None:
             mp.overlay = DebugOverlay(mp.name, self.cfg.debug)
             await mp.overlay.load()
+        # up before the bind returns: a reader that sees the mountpoint must not find the mount
+        # "starting" in status or metrics (the bind's thread returns after the kernel shows it)
+        mp.state, mp.error = "up", ""
         if not (self._adopted and mp.name in self._adopted.mounts and sysmount.is_mounted(mp.cfg.mnt)):
             if sysmount.is_mounted(mp.cfg.mnt):
                 pid = sysmount.owner(mp.cfg.mnt)
@@ -305,7 +308,6 @@ class Daemon:
         if not self._read_ahead_set:
             # after FUSE INIT (a bind mount needed it), which caps read-ahead at the 128 KiB default
             self._read_ahead_set = sysmount.set_read_ahead(self.fuse_root, READ_AHEAD_KB)
-        mp.state, mp.error = "up", ""
         self.start_prefetch(mp)
         log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
                  extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
@@ -338,7 +340,7 @@ class Daemon:
                 try:
                     await self._bring_up(mp)
                 except Exception as e:
-                    mp.error = str(e)
+                    mp.state, mp.error = "error", str(e)
         self._retry.pop(mp.name, None)
 
     async def stop_mount(self, name: str, shutdown: bool = False) -> None:
