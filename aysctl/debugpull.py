@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aysfsd.debugstore import DebugStore, DebugStoreError, PathState
+from aysfsd.debug.store import DebugStore, DebugStoreError, PathState
 
 
 class HostilePath(ValueError):
@@ -209,7 +209,7 @@ def cmd_debug_pull(args) -> int:  # type: ignore[no-untyped-def]
     import sys
 
     from aysfsd.config import ConfigError
-    from aysfsd.debugstore import connect
+    from aysfsd.debug.store import connect
 
     root = Path(args.to)
     try:

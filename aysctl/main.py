@@ -9,10 +9,10 @@ from aysctl import commands, fuser, probe
 from aysctl.client import DEFAULT_CONFIG, DEFAULT_SOCKET
 from aysctl.debugpull import cmd_debug_pull
 from aysfsd.config import ConfigError, load
-from aysfsd.profile import MAX_PROFILE_BYTES
-from aysfsd.publish import Publisher
-from aysfsd.signing import keygen, load_private
 from aysfsd.stores import StoreError, open_store
+from aysfsd.tree.profile import MAX_PROFILE_BYTES
+from aysfsd.tree.publish import Publisher
+from aysfsd.tree.signing import keygen, load_private
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -29,9 +29,9 @@ from rich.text import Text
 from aysctl.client import DEFAULT_CONFIG, ControlError, call
 from aysctl.render import human_bytes
 from aysfsd.config import AysConfig, Config, ConfigError, GridCacheConfig, StorConfig, load
-from aysfsd.layout import blob_path, ref_path
-from aysfsd.ref import RefError, decode_ref, verify
 from aysfsd.stores import DirStore, Store, StoreError, open_store
+from aysfsd.stores.layout import blob_path, ref_path
+from aysfsd.tree.ref import RefError, decode_ref, verify
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 FSTYPE = "fuse.aysfs"
@@ -92,7 +92,7 @@ def check_fuse() -> Check:
     except OSError as e:
         problems.append(f"/dev/fuse: {e.strerror}")
     try:
-        from aysfsd import fuselib
+        from aysfsd.fuse import lib as fuselib
 
         version = fuselib.summary(fuselib.describe())
     except ImportError as e:

@@ -20,7 +20,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
-from .signing import check_public
+from .tree.signing import check_public
 
 GiB = 1024**3
 LOW_SPEED_LIMIT = 1024  # bytes/s: the default of low_speed_limit (like CVMFS_LOW_SPEED_LIMIT)

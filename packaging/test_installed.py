@@ -673,7 +673,7 @@ def scenario(t: Target, script: Path) -> None:
 
     if isinstance(t, NspawnTarget):
         # a reader through `systemctl restart` and a SIGKILL that Restart=on-failure recovers:
-        # the next process resumes the FUSE connection from the fd store (aysfsd.handover)
+        # the next process resumes the FUSE connection from the fd store (aysfsd.fuse.handover)
         stopf = f"{share}/stop-reader"
         r = t.run(["sh", "-c",
                    f'rm -f "{stopf}"; /usr/bin/python3 "{share}/test_installed.py" through-restarts "{src}" "{mnt}" '
@@ -806,7 +806,7 @@ def install(deb: Path) -> None:
             r.returncode == 3 and "not running" in r.stderr, out(r))
     # the path /usr/bin/aysfsd sets up (packaging/debian/scripts/aysfsd)
     probe = ("import sys; sys.path.append('/usr/share/aysfs/vendor')\n"
-             f"from aysfsd import fuselib; fuselib.use_private({PYFUSE3_DIR!r})\n"
+             f"from aysfsd.fuse import lib as fuselib; fuselib.use_private({PYFUSE3_DIR!r})\n"
              "import aysfsd, aysctl, importlib.metadata as m, inotify_simple, pyfuse3\n"
              "print(aysfsd.__file__); print(inotify_simple.__file__)\n"
              "print(pyfuse3.__file__, pyfuse3.__version__, fuselib.patched(), getattr(pyfuse3, 'AYSFS_INTERRUPT', 0) >= 1,"

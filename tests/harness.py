@@ -221,7 +221,7 @@ class NotifySocket:
         self.sock.close()
 
 
-# -- packs (see aysfsd.tree) ------------------------------------------------------------------------
+# -- packs (see aysfsd.tree.objects) ------------------------------------------------------------------------
 
 
 def stor_dir_objects(stor: Path) -> list[dict]:
@@ -267,7 +267,7 @@ def pack_holding(stor: Path, data: bytes) -> str:
 
 def stor_tree_packs(stor: Path) -> tuple[set[str], set[str]]:
     """(the tree packs, the directory objects they hold) named by a stor's tree indexes
-    (see aysfsd.treepacks)."""
+    (see aysfsd.tree.packs)."""
     import json
 
     packs: set[str] = set()

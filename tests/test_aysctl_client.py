@@ -109,7 +109,7 @@ def run(daemon: FakeDaemon, *argv: str) -> int:
 
 
 def log_events(req: dict[str, Any]) -> list[Item]:
-    return [{"event": "log", "time": 1_700_000_000.0 + i, "level": "debug", "logger": "aysfsd.fs",
+    return [{"event": "log", "time": 1_700_000_000.0 + i, "level": "debug", "logger": "aysfsd.fuse.ops",
              "message": f"line {i}", "AYSFS_MOUNT": req.get("mount") or "web"} for i in range(req["lines"])]
 
 

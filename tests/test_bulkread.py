@@ -1,4 +1,4 @@
-"""The bulk-read window (aysfsd.bulkread) through the real daemon, nginx and a counting proxy:
+"""The bulk-read window (aysfsd.fuse.bulkread) through the real daemon, nginx and a counting proxy:
 a reader going through a tree's files in order has the next directories' packs asked for
 before it gets there, up to WINDOW_BYTES ahead of it, also through a long chain of small
 directories; a listing, or reads out of order (an import), ask for nothing more; a sequential
@@ -11,9 +11,9 @@ import random
 import time
 from pathlib import Path
 
-from aysfsd.bulkread import CREDIT, RUN, WINDOW_BYTES
-from aysfsd.fs import READAHEAD_CHUNKS
-from aysfsd.tree import CHUNK_SIZE, decode_dir
+from aysfsd.fuse.bulkread import CREDIT, RUN, WINDOW_BYTES
+from aysfsd.fuse.ops import READAHEAD_CHUNKS
+from aysfsd.tree.objects import CHUNK_SIZE, decode_dir
 from tests.harness import stor_roots
 from tests.servers import Nginx
 from tests.test_tiers import AYS, ForwardProxy, config, publish, start, status

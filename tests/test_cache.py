@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aysfsd.cache import LocalCache
+from aysfsd.tiers.local import LocalCache
 
 
 def blob(i: int, size: int) -> tuple[str, bytes]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aysfsd.cache import LocalCache
+from aysfsd.tiers.local import LocalCache
 
 MiB = 1024 * 1024
 
@@ -132,7 +132,7 @@ def test_daemon_on_a_small_tmpfs(work: Path, nginx_stor) -> None:  # type: ignor
         with open(small / "filler", "wb") as f:
             f.write(b"\0" * (free_bytes(small) - MiB))
         with Daemon(cfg, work / "d2.log").start(wait_mounts=[mnt]) as d:
-            for i in reversed(range(4)):  # not in name order: a bulk walk would fetch c/ ahead (aysfsd.bulkread)
+            for i in reversed(range(4)):  # not in name order: a bulk walk would fetch c/ ahead (aysfsd.fuse.bulkread)
                 assert (mnt / "b" / f"{i}.bin").read_bytes() == files[f"b/{i}.bin"]
             st = json.loads(aysctl("--config", str(cfg), "status", "--json").stdout)["cache"]
             assert st["state"] == "memory" and "less than cache_min_free (6.0 MiB)" in st["reason"], st

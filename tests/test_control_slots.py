@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aysfsd import control
+from aysfsd.daemon import control
 from tests.harness import Daemon, aysctl, wait_for
 
 NOBODY = 65534

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from aysfsd.cache import LocalCache
-from aysfsd.layout import blob_path
 from aysfsd.stores import DirStore, StoreError, StoreTimeout
+from aysfsd.stores.layout import blob_path
 from aysfsd.tiers import Fetcher, FetchError, Source, sources
+from aysfsd.tiers.local import LocalCache
 
 
 class CountingStore(DirStore):

@@ -7,7 +7,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from aysfsd.layout import ref_path
+from aysfsd.stores.layout import ref_path
 from tests.harness import Daemon, aysctl, tree_listing, wait_for
 from tests.test_trust import keypair, make_src
 

@@ -1,5 +1,5 @@
 """Restart without unmounting: the next daemon process resumes the same FUSE connection
-(aysfsd.handover), so readers see a pause, never ENOENT, ENOTCONN or EIO, and inode numbers
+(aysfsd.fuse.handover), so readers see a pause, never ENOENT, ENOTCONN or EIO, and inode numbers
 and open files stay valid. `aysctl restart` re-executes the daemon; a killed daemon is resumed
 from descriptors someone kept (systemd's fd store in production; this test takes them itself)."""
 
@@ -316,10 +316,10 @@ def test_no_open_session_is_not_resumed_without_the_patch(work: Path, nginx_stor
 def test_journal_restores_nodes_from_directory_objects_and_skips_what_it_cannot() -> None:
     """The journal names places (parent inode + name); entries come from the directory objects."""
     from aysfsd.config import AysConfig
-    from aysfsd.nodes import MountPoint, Node
-    from aysfsd.ref import Ref
-    from aysfsd.statejournal import StateJournal, recorded_no_open, restore
-    from aysfsd.tree import Entry
+    from aysfsd.fuse.nodes import MountPoint, Node
+    from aysfsd.fuse.statejournal import StateJournal, recorded_no_open, restore
+    from aysfsd.tree.objects import Entry
+    from aysfsd.tree.ref import Ref
 
     root_h, sub_h = "a" * 64, "b" * 64
     dirs = {
@@ -358,7 +358,7 @@ def test_journal_restores_nodes_from_directory_objects_and_skips_what_it_cannot(
     top.lookups = 1
     st.nodes[5].lookups = 4
     j2 = StateJournal()
-    from aysfsd.statejournal import snapshot_lines
+    from aysfsd.fuse.statejournal import snapshot_lines
 
     j2.snapshot(snapshot_lines(st.mounts.values(), st.nodes, st.open_files, st.next_ino, st.next_fh))
     assert not recorded_no_open(j2.lines())

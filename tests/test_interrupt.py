@@ -1,5 +1,5 @@
 """A reader blocked on a silent stor (accepts, never answers) that is killed returns at once:
-the daemon gives its request up (aysfsd.interrupts, with aysfs's pyfuse3 interrupt patch),
+the daemon gives its request up (aysfsd.fuse.interrupts, with aysfs's pyfuse3 interrupt patch),
 cancels the download when nobody else waits for it, and answers everyone else meanwhile.
 
 fetch_timeout is 30 s, so that "within a few seconds" means something."""
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from aysfsd import interrupts
-from aysfsd.layout import blob_path
-from aysfsd.treepacks import tree_path
+from aysfsd.fuse import interrupts
+from aysfsd.stores.layout import blob_path
+from aysfsd.tree.packs import tree_path
 from tests.harness import Daemon, aysctl, basic_config, ctl, wait_for
 from tests.servers import BadStor
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aysfsd.profile import decode
+from aysfsd.tree.profile import decode
 from tests import test_profiles as profiles
 from tests.harness import Daemon, aysctl, ctl, wait_for
 from tests.servers import Nginx, free_port

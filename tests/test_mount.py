@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from aysfsd.layout import blob_path, ref_path
-from aysfsd.ref import decode_ref
+from aysfsd.stores.layout import blob_path, ref_path
+from aysfsd.tree.ref import decode_ref
 from tests.harness import (
     Daemon,
     aysctl,
@@ -198,7 +198,7 @@ def test_corrupt_pack_costs_speed_not_data(work: Path, published: tuple[Path, Ng
     (nginx.root / blob_path(pack)).write_bytes(good.replace(b"def ", b"DEF "))
     mnt = work / "mnt"
     with start(work, [nginx.url], {AYS: str(mnt)}) as d:
-        # in reverse name order: not a bulk walk (see aysfsd.bulkread), which would fetch the
+        # in reverse name order: not a bulk walk (see aysfsd.fuse.bulkread), which would fetch the
         # next directories' packs
         for p in sorted((src / "lib" / "json").iterdir(), reverse=True):
             if p.is_file():

@@ -19,7 +19,7 @@ def test_every_python_package_is_listed_in_pyproject() -> None:
 
 PRIVATE_PROBE = r"""
 import json, sys
-from aysfsd import fuselib
+from aysfsd.fuse import lib as fuselib
 fuselib.use_private(sys.argv[1], load=sys.argv[2] == "load")
 import pyfuse3
 print(json.dumps({"file": pyfuse3.__file__, "first": sys.path[0], **fuselib.describe()}))
@@ -37,7 +37,7 @@ def _private(tmp_path: Path, load: str = "load") -> dict[str, object]:
 
 
 def test_the_private_pyfuse3_is_used_when_it_loads_else_the_next_one(tmp_path: Path) -> None:
-    """What /usr/bin/aysfsd does with the package's /usr/lib/aysfs/python (aysfsd.fuselib),
+    """What /usr/bin/aysfsd does with the package's /usr/lib/aysfs/python (aysfsd.fuse.lib),
     with real imports in a child process: a copy there that loads comes first; a missing one,
     one built for another Python, and one that cannot be loaded give the next pyfuse3 on the
     path, with the reason."""

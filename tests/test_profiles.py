@@ -1,7 +1,7 @@
 """Startup profiles through the real daemon and a real nginx stor on loopback: recorded on a
 node's first cold start and learned by the next node from a shared grid directory, recorded
 by an operator and published with the tree, hostile profiles refused, signed refs covering
-the profile (see aysfsd.profile, aysfsd.profiles)."""
+the profile (see aysfsd.tree.profile, aysfsd.fuse.profiles)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from aysfsd.layout import grid_profile_path, profile_ref_path, ref_path
-from aysfsd.profile import DIR_INDEX, Item, Profile, ProfileError, decode
-from aysfsd.profiles import WINDOW
-from aysfsd.ref import Ref, RefError, decode_ref, sign, verify
-from aysfsd.signing import keygen, load_private
-from aysfsd.tree import CHUNK_SIZE
+from aysfsd.fuse.profiles import WINDOW
+from aysfsd.stores.layout import grid_profile_path, profile_ref_path, ref_path
+from aysfsd.tree.objects import CHUNK_SIZE
+from aysfsd.tree.profile import DIR_INDEX, Item, Profile, ProfileError, decode
+from aysfsd.tree.ref import Ref, RefError, decode_ref, sign, verify
+from aysfsd.tree.signing import keygen, load_private
 from tests.harness import BIN, aysctl, sample_tree, stor_dir_objects, wait_for
 from tests.servers import Nginx
 from tests.test_tiers import config, start, status

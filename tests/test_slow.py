@@ -226,13 +226,13 @@ def test_start_on_trickling_stors_is_bounded(work: Path, stor: BadStor) -> None:
 def test_recheck_reads_again_what_failed_never_an_invalid_object(work: Path) -> None:
     """What made a mount degraded is read again: a directory whose fetch failed (up again once
     it reads), not an invalid directory object (a content address never mends: no request)."""
-    from aysfsd.cache import LocalCache
     from aysfsd.config import AysConfig
-    from aysfsd.fs import MountPoint, Operations
-    from aysfsd.layout import blob_path, ref_path
-    from aysfsd.ref import decode_ref
+    from aysfsd.fuse.ops import MountPoint, Operations
     from aysfsd.stores import DirStore
+    from aysfsd.stores.layout import blob_path, ref_path
     from aysfsd.tiers import Fetcher, Source
+    from aysfsd.tiers.local import LocalCache
+    from aysfsd.tree.ref import decode_ref
 
     src = work / "src"
     (src / "d").mkdir(parents=True)

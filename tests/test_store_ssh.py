@@ -19,9 +19,9 @@ import paramiko
 import pytest
 import trio
 
-from aysfsd.layout import blob_path, ref_path, sha256_hex
 from aysfsd.stores import StoreError, open_store
 from aysfsd.stores import ssh as store_ssh
+from aysfsd.stores.layout import blob_path, ref_path, sha256_hex
 from aysfsd.stores.ssh import SshStore
 from tests.servers import Sshd, _descendants
 

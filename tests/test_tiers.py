@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import lmdb
 import pytest
 
-from aysfsd.tree import CHUNK_SIZE
+from aysfsd.tree.objects import CHUNK_SIZE
 from tests.harness import (
     Daemon,
     aysctl,
@@ -265,7 +265,7 @@ def test_stor_killed_mid_run_fails_over_then_all_down_gives_eio(work: Path, tree
             for p in cached:
                 assert p.read_bytes() == (tree / p.relative_to(mnt)).read_bytes()
             # read in reverse name order: not a bulk walk, which would fetch logging/ ahead
-            # (see aysfsd.bulkread)
+            # (see aysfsd.fuse.bulkread)
             json_files = [p for p in reversed(files) if "/lib/json/" in str(p)]
             email_files = [p for p in reversed(files) if "/lib/email/" in str(p)]
             logging_files = [p for p in files if "/lib/logging/" in str(p)]

@@ -1,4 +1,4 @@
-"""Tree packs (aysfsd.treepacks): a version's directory objects in a few requests.
+"""Tree packs (aysfsd.tree.packs): a version's directory objects in a few requests.
 
 The decoder refuses hostile indexes; publish writes packs that hold every directory object in
 walk order; through the real daemon, nginx and a counting HTTP proxy, a cold walk of a deep
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from aysfsd.cache import LocalCache
-from aysfsd.layout import blob_path
 from aysfsd.stores import DirStore
+from aysfsd.stores.layout import blob_path
 from aysfsd.tiers import Fetcher, Source
-from aysfsd.tree import PACK_SIZE, decode_dir
-from aysfsd.treepacks import (
+from aysfsd.tiers.local import LocalCache
+from aysfsd.tree.objects import PACK_SIZE, decode_dir
+from aysfsd.tree.packs import (
     TREE_MAX_PACKS,
     TREE_PACK_SIZE,
     TreeIndexError,
@@ -256,7 +256,7 @@ def test_a_pack_that_is_its_own_member_is_fetched_not_waited_for(tmp_path: Path)
 def test_loader_fetches_many_packs_a_few_at_a_time_each_member_once(tmp_path: Path) -> None:
     """More tree packs than are fetched at once (a big tree): every member delivered, each
     pack fetched once, and the loader ends (in process, a real directory stor)."""
-    from aysfsd.treefetch import PACKS_AT_ONCE, TreeLoader
+    from aysfsd.fuse.treeload import PACKS_AT_ONCE, TreeLoader
 
     stor = DirStore(str(tmp_path / "stor"))
     root = hashlib.sha256(b"root").hexdigest()
@@ -299,7 +299,7 @@ def test_a_first_lookup_during_another_waits_for_its_tree_pack_claims(work: Path
     arriving once the root object is loaded but before the tree index came and the packs'
     members were claimed, waits for those claims too, so the directory it then lists comes in
     its tree pack, not alone (in process, a directory stor whose tree index comes after 1 s)."""
-    from aysfsd.fs import Operations
+    from aysfsd.fuse.ops import Operations
 
     src = deep_tree(work / "src")
     root = publish(src, str(work / "stor"))

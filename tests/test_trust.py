@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aysfsd.layout import blob_path, ref_path
-from aysfsd.ref import RefError, decode_ref
-from aysfsd.tree import CHUNK_SIZE, PACK_SIZE, TreeError, decode_dir, encode_dir
+from aysfsd.stores.layout import blob_path, ref_path
+from aysfsd.tree.objects import CHUNK_SIZE, PACK_SIZE, TreeError, decode_dir, encode_dir
+from aysfsd.tree.ref import RefError, decode_ref
 from tests.harness import Daemon, aysctl, basic_config, ctl, mounted, wait_for
 
 AYS = "jumpscale|signed!main"
@@ -417,8 +417,8 @@ def test_connection_flood_does_not_stall_the_filesystem(daemon_sock: Path) -> No
 
 
 def test_publish_packs_at_most_max_packs_per_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from aysfsd import publish
     from aysfsd.stores import DirStore
+    from aysfsd.tree import publish
 
     monkeypatch.setattr(publish, "MAX_PACKS", 2)
     monkeypatch.setattr(publish, "PACK_SIZE", 3000)

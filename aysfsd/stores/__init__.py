@@ -1,6 +1,6 @@
 """Stors and grid caches: one small interface over a directory, HTTP(S) and SSH.
 
-Every store speaks relative paths from `aysfsd.layout`. Sync methods serve `aysctl`
+Every store speaks relative paths from `aysfsd.stores.layout`. Sync methods serve `aysctl`
 (publish, tools); async methods serve the daemon on trio. `None` means "not there"
 (404, ENOENT); a transport failure raises StoreError so the caller can try the next tier.
 """

@@ -18,7 +18,7 @@ class Counters:
     writeback_errors: int = 0
     writebacks_skipped: int = 0
     packs: int = 0  # packs downloaded
-    tree_packs: int = 0  # of them, tree packs (see aysfsd.treepacks)
+    tree_packs: int = 0  # of them, tree packs (see aysfsd.tree.packs)
     pack_members: int = 0  # blobs (files, directory objects) had from them
 
 

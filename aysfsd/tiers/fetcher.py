@@ -13,11 +13,11 @@ from collections import OrderedDict
 
 import trio
 
-from ..cache import LocalCache
 from ..stores import describe
 from .counters import Account, Counters
 from .flight import FetchError, Flight, Foreground
 from .keep import Keeper
+from .local import LocalCache
 from .memory import MEMORY_BUDGET, MemoryLRU
 from .packs import Members, Packs
 from .sources import Search, Source, search

@@ -12,10 +12,10 @@ import logging
 
 import trio
 
-from ..cache import LocalCache
-from ..layout import blob_path
 from ..stores import StoreError
+from ..stores.layout import blob_path
 from .counters import Counters
+from .local import LocalCache
 from .memory import MemoryLRU
 from .sources import Source
 

@@ -1,4 +1,4 @@
-"""Packs (see aysfsd.tree): one blob holding a directory's small files.
+"""Packs (see aysfsd.tree.objects): one blob holding a directory's small files.
 
 A pack is downloaded like any blob, and each member is kept as a blob of its own once it
 matches its own hash; readers of the members wait for it as for any download in flight.
@@ -93,7 +93,7 @@ class Packs:
     async def load_many(self, packs: list[tuple[str, Members]], *, grid: bool, at_once: int,
                         claimed: trio.Event | None = None) -> int:
         """Fetch many packs for their missing members, kept in the local cache (a version's
-        directory objects: see aysfsd.treefetch), `at_once` at a time, in order, as readers
+        directory objects: see aysfsd.fuse.treeload), `at_once` at a time, in order, as readers
         need them (like `fetch`, not after foreground fetches like `load`). Every missing member is
         claimed first (`claimed` is set then): a reader that needs one waits for its pack
         rather than asking for it alone. Returns how many packs delivered."""

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..layout import blob_path
 from ..stores import Store, StoreError, StoreTimeout
+from ..stores.layout import blob_path
 from .counters import Latency
 from .verify import sha256_of
 

@@ -1,0 +1,825 @@
+"""The daemon: one FUSE session, its mounts, reload, signals and systemd.
+
+Several mounts, one process, one FUSE session: each ays is a top-level directory
+of the session (mounted at `fuse_root`), bind-mounted onto its mountpoint. Chosen
+over one worker process per mount because all mounts then share one LMDB
+environment, one set of store connections, one single-flight table and one memory
+budget. Measured here: this daemon serving 3 mounts (each tree read through) has an RSS
+of 53 MB, while one interpreter with the same modules loaded is ~50-59 MB, so a worker
+per mount would cost ~3x the memory for 3 mounts and grow by that much per mount. A
+reload only adds or removes bind mounts: an untouched mount is never restarted, so its
+open files keep reading. The price: one crash takes every mount down (systemd restarts
+the daemon; the next start removes the stale mounts).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .. import __version__
+from ..config import AysConfig, Config, ConfigError, load
+from ..debug.overlay import DebugOverlay
+from ..debug.store import DebugStoreError
+from ..fuse import guard as fuseguard
+from ..fuse import handover, interrupts, profiles, sysmount
+from ..fuse import lib as fuselib
+from ..fuse.ops import MountPoint, Operations
+from ..fuse.startwatch import StartWatch
+from ..fuse.statejournal import Restored, StateJournal, recorded_no_open, restore
+from ..metrics import MetricsEndpoint
+from ..stores import DirStore, LowSpeed, StoreError, describe, open_store
+from ..stores.layout import ref_path
+from ..tiers import Fetcher, Source
+from ..tiers.local import LocalCache
+from ..tree.ref import Ref, RefError, decode_ref, verify
+from . import gridrefs, notify
+from .control import ControlServer
+from .installed import installed_version, upgrade_note
+from .watch import watch_config
+
+log = logging.getLogger("aysfsd")
+
+RETRY_SECONDS = 5.0
+READ_AHEAD_KB = 4096  # one chunk: sequential reads come in large requests
+
+
+@dataclass
+class DaemonStatus:
+    config_error: str = ""
+    reloads: int = 0
+    reload_failures: int = 0
+    last_reload: float = 0.0
+
+
+def _sources(cfg: Config) -> tuple[list[Source], list[Source]]:
+    grid = [Source(open_store(c.mnt, timeout=c.timeout, proxy=c.proxy), "grid", writable=c.writable)
+            for c in cfg.caches]
+    stors = [Source(open_store(s.url, timeout=s.timeout, proxy=s.proxy, ssh_key=s.ssh_key,
+                               ssh_known_hosts=s.ssh_known_hosts,
+                               ssh_accept_unknown_host=s.ssh_accept_unknown_host), "stor")
+             for s in cfg.stors]
+    set_low_speed(cfg, grid, stors)
+    return grid, stors
+
+
+def set_low_speed(cfg: Config, grid: list[Source], stors: list[Source]) -> None:
+    """Each HTTP or SSH source's low-speed limit: its own low_speed_limit/low_speed_time, else
+    [main]'s (a directory's operations are bounded by its timeout alone)."""
+    own: list[tuple[int | None, float | None]] = [(c.low_speed_limit, c.low_speed_time) for c in cfg.caches]
+    own += [(s.low_speed_limit, s.low_speed_time) for s in cfg.stors]
+    for (limit, seconds), src in zip(own, grid + stors, strict=True):
+        if not isinstance(src.store, DirStore):
+            src.store.low_speed = LowSpeed(cfg.main.low_speed_limit if limit is None else limit,
+                                           cfg.main.low_speed_time if seconds is None else seconds)
+
+
+def fuse_patched() -> bool:
+    """Whether pyfuse3 has aysfs's patch (packaging/pyfuse3/): READ and READDIR name the inode
+    when the kernel sends no handle, and symlinks may be cached (aysfsd.fuse.lib)."""
+    return fuselib.patched()
+
+
+class Daemon:
+    def __init__(self, config_path: str, cfg: Config) -> None:
+        self.config_path = config_path
+        self.cfg = cfg
+        self.status = DaemonStatus()
+        self.cache = LocalCache(os.path.join(cfg.main.cache_dir, "lmdb"), cfg.main.cache_size,
+                                min_free=cfg.main.cache_min_free.bytes_of)
+        grid, stors = _sources(cfg)
+        self.fetcher = Fetcher(self.cache, grid, stors, timeout=cfg.main.fetch_timeout)
+        self.ops = Operations(self.fetcher, self.cache)
+        self.fuse_root = cfg.main.fuse_root
+        self._stop = trio.Event()
+        self._reload_lock = trio.Lock()
+        self._checked: dict[str, float] = {}  # mount name -> monotonic time of the last ref check
+        self._retry: dict[str, trio.CancelScope] = {}
+        self.nursery: trio.Nursery | None = None
+        self.started = time.time()
+        self._warned_unsigned: set[str] = set()
+        self._shared: dict[str, str] = {}  # ays id -> root of the ref last written to the grid caches
+        self._read_ahead_set = False
+        self._profile_scopes: dict[str, trio.CancelScope] = {}  # mount name -> its cold start's work
+        # the session's superblock is read-only until a debug mount needs writes: the kernel then
+        # keeps file attributes across reads (on a writable one every READ marks atime stale,
+        # and the next stat costs a GETATTR request per file)
+        self._session_ro = not any(a.debug for a in cfg.ays)
+        # Kernel no_open/no_opendir mode (no OPEN, RELEASE, OPENDIR, READDIR once cached; see
+        # aysfsd.fuse.ops) needs the patched pyfuse3 and is chosen per session, at its start: the kernel
+        # cannot leave it. A session started with a debug mount keeps OPEN and RELEASE (its writes
+        # are held per open file and recorded at close, errors reported by close()); a debug
+        # mount added later by a reload records every write at once (aysfsd.fuse.debug_writes).
+        self.ops.no_open = fuse_patched() and self._session_ro
+        self.debug_log = self._debug_log
+        # restart without unmounting (aysfsd.fuse.handover): "" stop for good, "exit" leave the FUSE
+        # connection in systemd's fd store, "exec" re-execute this program with it
+        self.handover_mode = ""
+        self.exec_fds: dict[str, int] = {}  # after run(): what to pass to the re-executed program
+        self._adopted: Restored | None = None  # the state a previous process handed over
+        self._fuse_fd = -1
+        self._fuse_done = trio.Event()
+        self.metrics = MetricsEndpoint(self.status_dict)
+
+    # -- refs ---------------------------------------------------------------------------------
+
+    def _trusted(self, mp: MountPoint) -> list[str]:
+        keys = mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys
+        return list(keys)
+
+    async def resolve(self, mp: MountPoint) -> Ref:
+        """The current ref of a mount's ays from the first stor that has a valid one; when no
+        stor answers, the newest validly signed one in the grid caches (only with trusted keys)
+        or else the last good one kept in the local cache. Bounded by `fetch_timeout` in all
+        (the grid caches get at least a second more): a slow or silent stor does not hold a
+        start or a reload longer; a stor that fails the request is marked down."""
+        ays_id = mp.cfg.id
+        problems: list[str] = []
+        reached = False  # some stor answered (with a ref or without one)
+        bound = max(1.0, self.cfg.main.fetch_timeout)
+        deadline = trio.current_time() + bound
+        asking: Source | None = None
+        ref: Ref | None = None
+        with trio.move_on_at(deadline):
+            for src in sorted(self.fetcher.stors, key=lambda s: s.is_down()):  # down ones last
+                try:
+                    asking = src
+                    raw = await src.store.fetch(ref_path(ays_id))
+                    asking = None
+                    reached = True
+                    if raw is None:
+                        problems.append(f"{src.name}: no ref")
+                        continue
+                    got = decode_ref(raw, ays_id)
+                    self._check_trust(mp, got)
+                except RefError as e:
+                    log.error("mount %s: refused the ref from %s: %s", mp.name, src.name, e,
+                              extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id, "SOURCE": src.name})
+                    problems.append(f"{src.name}: {e}")
+                    continue
+                except StoreError as e:
+                    asking = None
+                    src.mark_down(f"ref of {ays_id}: {describe(e)}")
+                    text = describe(e)
+                    problems.append(text if text.startswith(src.name) else f"{src.name}: {text}")
+                    continue
+                ref = got
+                break
+        if ref is not None:
+            await self._accept(mp, ref)
+            return ref
+        if asking is not None:
+            reason = f"no complete answer for the ref within fetch_timeout {bound:g}s"
+            asking.mark_down(reason)
+            problems.append(f"{asking.name}: {reason}")
+        last = self._last_good(ays_id)
+        trusted = self._trusted(mp)
+        if last is not None and trusted:
+            try:
+                verify(last, trusted)
+            except RefError as e:
+                problems.append(f"last good version: {e}")
+                last = None
+        if not reached and self.fetcher.grid:
+            if trusted:
+                gref, why = await gridrefs.newest(ays_id, self.fetcher.grid, trusted, last,
+                                                  max(1.0, deadline - trio.current_time()))
+                problems += why
+                if gref is not None and (last is None or gref.revision > last.revision):
+                    log.warning("mount %s: no stor answered for %s (%s); using revision %d (%s) from a grid "
+                                "cache, signed by a trusted key", mp.name, ays_id, "; ".join(problems),
+                                gref.revision, gref.root[:12], extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id})
+                    await self._accept(mp, gref, share=False)
+                    return gref
+            elif last is None:
+                problems.append(gridrefs.UNTRUSTED)
+        if last is not None:
+            if self.fetcher.stors:
+                log.warning("mount %s: no stor answered for %s (%s); using the last good version %s",
+                            mp.name, ays_id, "; ".join(problems), last.root[:12],
+                            extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id})
+            return last
+        raise LookupError("; ".join(problems) or "no stors configured")
+
+    async def _accept(self, mp: MountPoint, ref: Ref, share: bool = True) -> None:
+        """Keep an accepted ref as the last good one; a signed one (with trusted keys) also goes
+        to the writable grid caches, once per version and run, in the background."""
+        last = self._last_good(ref.ays)
+        if last is None or last.encode() != ref.encode():
+            await trio.to_thread.run_sync(self.cache.put_meta, f"ref:{ref.ays}", ref.encode())
+        if (share and ref.signed and self._trusted(mp) and mp.cfg.cache_grid and self.nursery is not None
+                and self._shared.get(ref.ays) != ref.root and any(s.writable for s in self.fetcher.grid)):
+            self._shared[ref.ays] = ref.root
+            self.nursery.start_soon(gridrefs.share, ref, list(self.fetcher.grid), max(1.0, self.cfg.main.fetch_timeout))
+
+    def _check_trust(self, mp: MountPoint, ref: Ref) -> None:
+        """Signature (when keys are configured) and rollback checks; RefError when refused."""
+        trusted = self._trusted(mp)
+        if trusted:
+            verify(ref, trusted)
+        elif mp.name not in self._warned_unsigned:
+            self._warned_unsigned.add(mp.name)
+            log.warning("mount %s: no trusted_keys configured: %s is authenticated only by its hashes, "
+                        "not by a signature", mp.name, mp.cfg.id, extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+        last = self._last_good(mp.cfg.id)
+        if last is not None and (ref.revision < last.revision or
+                                 (ref.revision == last.revision and ref.root != last.root)):
+            raise RefError(f"rollback refused: revision {ref.revision} (root {ref.root[:12]}) is not newer than "
+                           f"the accepted revision {last.revision} (root {last.root[:12]})")
+
+    def _last_good(self, ays_id: str) -> Ref | None:
+        raw = self.cache.get_meta(f"ref:{ays_id}")
+        try:
+            return decode_ref(raw, ays_id) if raw else None
+        except RefError:
+            return None
+
+    def expiration(self) -> float:
+        """Seconds a resolved ref is trusted: the smallest non-zero `cache.expiration` (0: forever,
+        checked again only on reload)."""
+        vals = [s.expiration for s in self.cfg.stors if s.expiration > 0]
+        return float(min(vals)) if vals else math.inf
+
+    async def refresh(self, mp: MountPoint) -> None:
+        try:
+            ref = await self.resolve(mp)
+        except LookupError as e:
+            log.warning("mount %s: cannot check for a new version: %s", mp.name, e,
+                        extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+            return
+        finally:
+            self._checked[mp.name] = time.monotonic()
+        if mp.ref is None or ref.root != mp.ref.root:
+            log.info("mount %s: version %s (revision %d)", mp.name, ref.root[:12], ref.revision,
+                     extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+            cold = not self.cache.has(ref.root)
+            self.ops.set_ref(mp, ref)
+            if cold:
+                self.start_profile(mp, ref, self.arm_profile(mp, ref))
+
+    # -- mounts -------------------------------------------------------------------------------
+
+    async def start_mount(self, cfg: AysConfig) -> MountPoint:
+        """Add a mount; when its ref cannot be had yet, report it and retry in the background."""
+        mp = self.ops.add_mount(cfg)
+        try:
+            await self._bring_up(mp)
+        except Exception as e:
+            mp.state, mp.error = "error", str(e)
+            log.error("mount %s (%s) at %s failed: %s; retrying every %ss", mp.name, cfg.id, cfg.mnt, e,
+                      RETRY_SECONDS, extra={"AYSFS_MOUNT": mp.name, "AYS_ID": cfg.id})
+            assert self.nursery is not None
+            self.nursery.start_soon(self._retry_loop, mp)
+        return mp
+
+    async def _bring_up(self, mp: MountPoint) -> None:
+        try:
+            ref = await self.resolve(mp)
+        except LookupError as e:
+            raise RuntimeError(f"no version of {mp.cfg.id!r} found: {e}") from None
+        self._checked[mp.name] = time.monotonic()
+        cold = not self.cache.has(ref.root)  # the version's first start on this node
+        self.ops.set_ref(mp, ref)
+        watch = self.arm_profile(mp, ref) if cold else None  # before the mount can be read
+        if watch is not None:
+            # the profile (and the tree, see profiles.cold_start) are looked for while the mount
+            # is bound: a reader right after the mount finds them on their way
+            self.start_profile(mp, ref, watch)
+        if mp.cfg.debug and self._session_ro:
+            await sysmount.remount_rw(self.fuse_root)
+            self._session_ro = False
+        if mp.cfg.debug and mp.overlay is None:
+            mp.overlay = DebugOverlay(mp.name, self.cfg.debug)
+            await mp.overlay.load()
+        # up before the bind returns: a reader that sees the mountpoint must not find the mount
+        # "starting" in status or metrics (the bind's thread returns after the kernel shows it)
+        mp.state, mp.error = "up", ""
+        if not (self._adopted and mp.name in self._adopted.mounts and sysmount.is_mounted(mp.cfg.mnt)):
+            if sysmount.is_mounted(mp.cfg.mnt):
+                pid = sysmount.owner(mp.cfg.mnt)
+                if pid is not None:
+                    raise RuntimeError(f"{mp.cfg.mnt} is mounted by the running aysfsd pid {pid}")
+                sysmount.cleanup_stale([mp.cfg.mnt])
+            await sysmount.bind(os.path.join(self.fuse_root, mp.name), mp.cfg.mnt, read_only=not mp.cfg.debug)
+        if not self._read_ahead_set:
+            # after FUSE INIT (a bind mount needed it), which caps read-ahead at the 128 KiB default
+            self._read_ahead_set = sysmount.set_read_ahead(self.fuse_root, READ_AHEAD_KB)
+        self.start_prefetch(mp)
+        log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
+                 extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+
+    async def adopt_mount(self, cfg: AysConfig) -> None:
+        """A mount handed over by the previous process: it served on during the restart from the
+        version it had; its ref is checked again, its bind mount stays."""
+        assert self._adopted is not None
+        mp = self.ops.mounts[cfg.name]
+        old = self._adopted.old_mnt.get(cfg.name, "")
+        if old and os.path.normpath(old) != os.path.normpath(cfg.mnt) and sysmount.is_mounted(old):
+            await sysmount.unbind(old)  # the config moved it while we restarted
+        try:
+            await self._bring_up(mp)
+        except Exception as e:
+            if mp.ref is not None and sysmount.is_mounted(cfg.mnt):
+                log.warning("mount %s: serving the version it had (%s): %s", mp.name, mp.ref.root[:12], e,
+                            extra={"AYSFS_MOUNT": mp.name, "AYS_ID": cfg.id})
+                mp.state, mp.error = "up", ""
+                return
+            mp.state, mp.error = "error", str(e)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._retry_loop, mp)
+
+    async def _retry_loop(self, mp: MountPoint) -> None:
+        with trio.CancelScope() as scope:
+            self._retry[mp.name] = scope
+            while mp.state == "error" and self.ops.mounts.get(mp.name) is mp:
+                await trio.sleep(RETRY_SECONDS)
+                try:
+                    await self._bring_up(mp)
+                except Exception as e:
+                    mp.state, mp.error = "error", str(e)
+        self._retry.pop(mp.name, None)
+
+    async def stop_mount(self, name: str, shutdown: bool = False) -> None:
+        mp = self.ops.mounts.get(name)
+        if mp is None:
+            return
+        scope = self._retry.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        was_up = mp.state == "up"
+        mp.state = "stopping"
+        if was_up:
+            try:
+                await sysmount.unbind(mp.cfg.mnt)
+            except sysmount.MountError as e:
+                log.error("mount %s: unmounting %s failed: %s", name, mp.cfg.mnt, e)
+        self.ops.remove_mount(name, notify_kernel=not shutdown)
+        scope = self._profile_scopes.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        if mp.watch is not None:
+            mp.watch.stop("replaced")
+        if mp.overlay is not None:
+            mp.overlay.close()
+        self._checked.pop(name, None)
+        log.info("mount %s: removed from %s", name, mp.cfg.mnt, extra={"AYSFS_MOUNT": name})
+
+    # -- config -------------------------------------------------------------------------------
+
+    async def apply(self, new: Config) -> None:
+        """Make the running mounts match `new`, leaving unchanged mounts alone."""
+        old_by_name = {a.name: a for a in self.cfg.ays} if new is not self.cfg else {}
+        if (new.stors, new.caches) != (self.cfg.stors, self.cfg.caches):
+            grid, stors = _sources(new)
+            old = self.fetcher.grid + self.fetcher.stors
+            self.fetcher.grid, self.fetcher.stors = grid, stors
+            for s in old:
+                await s.store.aclose()
+                await trio.to_thread.run_sync(s.store.close)
+        else:
+            set_low_speed(new, self.fetcher.grid, self.fetcher.stors)  # [main]'s may have changed
+        self.fetcher.timeout = new.main.fetch_timeout
+        await self.metrics.configure(new.main.metrics_listen)
+        self.cache.min_free = new.main.cache_min_free.bytes_of
+        old_cfg, self.cfg = self.cfg, new
+        wanted = {a.name: a for a in new.ays}
+        debug_changed = new.debug != old_cfg.debug
+        for name in list(self.ops.mounts):
+            a = wanted.get(name)
+            mp = self.ops.mounts[name]
+            if a is None or (a.id, a.mnt, a.debug) != (mp.cfg.id, mp.cfg.mnt, mp.cfg.debug) or (
+                    a.debug and debug_changed):
+                await self.stop_mount(name)
+            elif a != mp.cfg:
+                mp.cfg = a  # cache flags only: no remount needed
+        async with trio.open_nursery() as n:  # at once: a reload waits one ref check's bound, not one per mount
+            for name, a in wanted.items():
+                if name not in self.ops.mounts:
+                    n.start_soon(self.start_mount, a)
+                elif name in old_by_name:
+                    n.start_soon(self.refresh, self.ops.mounts[name])
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the config file; an invalid one keeps the running config."""
+        async with self._reload_lock:
+            notify.reloading()
+            try:
+                try:
+                    new = await trio.to_thread.run_sync(load, self.config_path)
+                except ConfigError as e:
+                    self.status.config_error = str(e)
+                    self.status.reload_failures += 1
+                    log.error("reload refused, keeping the running config:\n%s", e)
+                    return False, str(e)
+                self.status.config_error = ""
+                await self.apply(new)
+                self.status.reloads += 1
+                self.status.last_reload = time.time()
+                log.info("reloaded %s", self.config_path)
+                return True, ""
+            finally:
+                notify.notify("READY=1", f"STATUS={self.status_line()}")
+
+    async def status_report(self) -> dict[str, object]:
+        """status_dict() plus the version installed on disk (read off the loop)."""
+        installed = await trio.to_thread.run_sync(installed_version)
+        st = self.status_dict()
+        daemon = st["daemon"]
+        assert isinstance(daemon, dict)
+        daemon["installed_version"] = installed
+        daemon["upgrade"] = upgrade_note(installed)
+        return st
+
+    def status_dict(self) -> dict[str, object]:
+        c = self.cache.stats()
+        k = self.fetcher.counters
+        try:
+            fs_free, fs_size, min_free = self.cache.disk()
+        except OSError:
+            fs_free = fs_size = min_free = -1
+        mounts = []
+        for mp in sorted(self.ops.mounts.values(), key=lambda m: m.name):
+            pf = mp.prefetch
+            degraded = mp.degraded() if mp.state == "up" else ""
+            mounts.append({
+                "name": mp.name, "id": mp.cfg.id, "mnt": mp.cfg.mnt, "state": "degraded" if degraded else mp.state,
+                "error": mp.error or degraded,
+                "root": mp.ref.root if mp.ref else None, "revision": mp.ref.revision if mp.ref else None,
+                "debug": mp.cfg.debug, "hits": mp.hits, "misses": mp.misses, "bytes_read": mp.bytes_read,
+                "bytes_by_tier": dict(mp.bytes_by_tier), "blobs_by_tier": dict(mp.bytes_by_tier.blobs),
+                "eio": dict(mp.eio),
+                "prefetch": pf.public() if pf is not None else None,
+                "profile": mp.profile.public() if mp.profile is not None else None,
+                "watch": mp.watch.public() if mp.watch is not None else None,
+            })
+        return {
+            "daemon": {"pid": os.getpid(), "version": __version__, "uptime": round(time.time() - self.started, 3),
+                       "started": self.started, "resumed_session": self._adopted is not None,
+                       "config": self.config_path, "config_error": self.status.config_error,
+                       "reloads": self.status.reloads, "reload_failures": self.status.reload_failures,
+                       "internal_errors": fuseguard.unexpected_errors, "metrics": self.metrics.public(),
+                       "pyfuse3": fuselib.describe(), "no_open": self.ops.no_open, "fuse_mode": self.fuse_mode(),
+                       "status": self.status_line()},
+            "cache": {"dir": self.cache.path, "state": self.cache.state, "reason": self.cache.state_reason,
+                      "fs_free": fs_free, "fs_size": fs_size, "min_free": min_free,
+                      "entries": c.entries, "bytes": c.bytes, "limit": c.limit,
+                      "hits": k.hits, "misses": k.misses, "memory_hits": k.memory_hits,
+                      "evicted_blobs": c.evicted_blobs, "evicted_bytes": c.evicted_bytes,
+                      "skipped_blobs": self.cache.skipped_blobs, "writebacks": k.writebacks,
+                      "writeback_errors": k.writeback_errors, "writebacks_skipped": k.writebacks_skipped,
+                      "packs": k.packs, "pack_members": k.pack_members,
+                      "tree_packs": k.tree_packs},
+            "sources": [{"url": s.name, "tier": s.tier, "down": s.is_down(), "failures": s.failures,
+                         "fetched_blobs": s.fetched_blobs, "fetched_bytes": s.fetched_bytes, "corrupt": s.corrupt,
+                         "requests": s.requests, "request_errors": s.request_errors, "not_found": s.not_found,
+                         "latency": s.latency.public()}
+                        for s in self.fetcher.grid + self.fetcher.stors],
+            "mounts": mounts,
+        }
+
+    async def purge_mount(self, mp: MountPoint) -> tuple[int, int]:
+        """Drop the file blobs of a mount's current tree from the local cache (directory objects
+        stay: they are small and keep the mount usable offline). Open files refetch."""
+        if mp.ref is None:
+            return 0, 0
+        hashes: set[str] = set()
+        stack = [mp.ref.root]
+        while stack:
+            entries, _ = await self.ops.load_dir(stack.pop(), grid=mp.cfg.cache_grid)
+            for e in entries:
+                if e.kind == "d":
+                    stack.append(e.hash)
+                else:
+                    hashes.update(h for h, _ in e.blobs())
+        present = [h for h in hashes if self.cache.has(h)]
+        freed = await trio.to_thread.run_sync(self.cache.delete, present)
+        self.fetcher.memory.clear()
+        return freed, len(present)
+
+    async def _debug_log(self, mount: str | None, lines: int, follow: bool) -> AsyncIterator[dict[str, object]]:
+        """Debug transaction log entries (`debug:log:$mountname`) of one or every debug mount:
+        the last `lines` of each, then (following) new ones as they are appended."""
+        mounts = [m for m in self.ops.mounts.values() if m.overlay is not None and (not mount or m.name == mount)]
+        if mount and not mounts:
+            raise LookupError(f"no mount named {mount!r} in debug mode")
+
+        async def entries(mp: MountPoint, start: int | None) -> tuple[int, list[tuple[int, str, str]]]:
+            assert mp.overlay is not None
+            store = mp.overlay.store
+            n = await trio.to_thread.run_sync(store.log_length)
+            first = max(0, n - lines) if start is None else start
+            new = await trio.to_thread.run_sync(store.log_entries, first, n - 1) if n > first else []
+            return n, new
+
+        pos: dict[str, int] = {}
+        first_round = True
+        while first_round or follow:
+            if not first_round:
+                await trio.sleep(0.5)
+            for mp in mounts:
+                try:
+                    pos[mp.name], new = await entries(mp, pos.get(mp.name))
+                except DebugStoreError:
+                    if first_round:
+                        raise
+                    continue
+                for epoch, path, md5 in new:
+                    yield {"time": epoch, "level": "info", "logger": "debug", "AYSFS_MOUNT": mp.name,
+                           "path": path, "hash": md5, "message": f"{path} {md5 or 'removed'}"}
+            first_round = False
+
+    def arm_profile(self, mp: MountPoint, ref: Ref) -> StartWatch | None:
+        """On a cold start of a version: watch it from its first need (see start_profile)."""
+        if mp.cfg.debug:
+            return None
+        return profiles.arm(self.fetcher, mp, ref, self.cfg.main.profile_idle)
+
+    def start_profile(self, mp: MountPoint, ref: Ref, watch: StartWatch | None) -> None:
+        """Use a startup profile for the version, or record one for the grid."""
+        if watch is None or self.nursery is None:
+            return
+        old = self._profile_scopes.pop(mp.name, None)
+        if old is not None:
+            old.cancel()
+        scope = self._profile_scopes[mp.name] = trio.CancelScope()
+        trusted = list(mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys)
+
+        async def job() -> None:
+            with scope:
+                try:
+                    await profiles.cold_start(self.ops, mp, ref, watch, trusted=trusted,
+                                              timeout=self.cfg.main.fetch_timeout)
+                except Exception:
+                    log.exception("mount %s: startup profile failed", mp.name,
+                                  extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
+            if self._profile_scopes.get(mp.name) is scope:
+                del self._profile_scopes[mp.name]
+
+        self.nursery.start_soon(job)
+
+    async def record_profile(self, mp: MountPoint, idle: float, timeout: float) -> StartWatch:
+        """Record the mount's next start (from its next need until `idle` seconds without one)."""
+        if mp.ref is None:
+            raise LookupError(f"mount {mp.name} has no version yet")
+        w = StartWatch(mp.ref.root, idle=idle, timeout=timeout, first_wait=timeout, record=True)
+        if mp.watch is not None:
+            mp.watch.stop("replaced")
+        mp.watch = w
+        try:
+            await w.run()
+        finally:
+            w.stop("stopped")
+            if mp.watch is w:
+                mp.watch = None
+        return w
+
+    def start_prefetch(self, mp: MountPoint) -> None:
+        """Fill the tiers chosen by the mount's prefetch flags, in the background."""
+        if not (mp.cfg.prefetch_local or mp.cfg.prefetch_grid) or self.nursery is None:
+            return
+        from ..fuse import prefetch
+
+        self.nursery.start_soon(lambda: prefetch.run(self.ops, mp, local=mp.cfg.prefetch_local,
+                                                     grid=mp.cfg.prefetch_grid))
+
+    def status_line(self) -> str:
+        mounts = list(self.ops.mounts.values())
+        up = sum(m.state == "up" for m in mounts)
+        s = f"{up}/{len(mounts)} mounts up"
+        bad = [f"{m.name}: {m.error}" for m in mounts if m.state == "error"]
+        if bad:
+            s += "; errors: " + "; ".join(bad)
+        degraded = [f"{m.name}: {m.degraded()}" for m in mounts if m.state == "up" and m.unreadable]
+        if degraded:
+            s += "; degraded: " + "; ".join(degraded)
+        if self.status.config_error:
+            s += "; config error (running the previous config)"
+        if self.metrics.error:
+            s += f"; {self.metrics.error}"
+        return s[:400]
+
+    # -- main loop ----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    log.info("SIGHUP: reloading")
+                    await self.reload()
+                else:
+                    if sig == signal.SIGTERM and await handover.restart_pending():
+                        log.info("SIGTERM with a restart of the unit queued: handing the mounts over")
+                        self.handover_mode = "exit"
+                    else:
+                        log.info("%s: stopping", signal.Signals(sig).name)
+                    self._stop.set()
+
+    def request_handover(self) -> str:
+        """`aysctl restart`: re-execute with the mounts handed over (no unmount, no lost request)."""
+        self.handover_mode = "exec"
+        self._stop.set()
+        return "re-executing aysfsd; the mounts stay and are served again in a moment"
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            exp = self.expiration()
+            if math.isinf(exp):
+                continue
+            now = time.monotonic()
+            for mp in list(self.ops.mounts.values()):
+                if mp.state == "up" and now - self._checked.get(mp.name, now) >= exp:
+                    await self.refresh(mp)
+
+    async def _recheck_loop(self) -> None:
+        """Every RETRY_SECONDS, read again what made a mount degraded (see Operations.recheck_unreadable)."""
+        while True:
+            await trio.sleep(RETRY_SECONDS)
+            for mp in list(self.ops.mounts.values()):
+                if mp.state == "up" and mp.retryable_dirs():
+                    await self.ops.recheck_unreadable(mp)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            notify.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await trio.sleep(5.0)
+            await trio.to_thread.run_sync(self.cache.flush)
+
+    async def _fuse_main(self) -> None:
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+        finally:
+            self._fuse_done.set()
+
+    def _resumable(self, fds: dict[str, int]) -> handover.Resume | None:
+        """A session handed over by the previous process, when its descriptor and mounts are there."""
+        fuse_fd = fds.get(handover.FUSE_FDNAME)
+        if fuse_fd is None:
+            return None
+        why = ""
+        state_fd = fds.get(handover.STATE_FDNAME)
+        if not handover.is_fuse_device(fuse_fd):
+            why = "the descriptor handed over is not /dev/fuse"
+        elif not sysmount.is_mounted(self.fuse_root):
+            why = f"{self.fuse_root} is no longer mounted (the connection ended)"
+        elif (state_fd is not None and recorded_no_open(StateJournal(state_fd).lines())
+              and not fuse_patched()):
+            # the kernel keeps the mode for the connection's life: it sends READs with handle 0,
+            # which a stock pyfuse3 cannot map to a file. Readers of the old session get ENOTCONN
+            # once its descriptors are closed (as after a crash without them), never wrong bytes.
+            why = ("it runs in the kernel's no_open mode, which this pyfuse3 cannot serve "
+                   f"({fuselib.summary(fuselib.describe())})")
+        if why:
+            log.warning("cannot resume the FUSE session: %s; mounting a new one", why)
+            os.close(fuse_fd)
+            return None
+        return handover.Resume(fuse_fd)
+
+    def _start_session(self, options: set[str]) -> None:
+        """Mount a new FUSE session, or resume the one the previous process handed over."""
+        fds = handover.received_fds()
+        resume = self._resumable(fds)
+        state_fd = fds.get(handover.STATE_FDNAME)
+        if resume is None and state_fd is not None:
+            os.close(state_fd)
+            state_fd = None
+        journal = StateJournal(state_fd)
+        if resume is not None:
+            self._adopted = restore(journal.lines(), self.cfg.ays, self.ops.cached_entries)
+            self.ops.adopt(self._adopted)
+            log.info("resuming the FUSE session of the previous process: %d mounts, %d inodes, %d open files "
+                     "(%d records skipped)", len(self._adopted.mounts), len(self._adopted.nodes),
+                     len(self._adopted.open_files), self._adopted.skipped)
+            for mnt in self._adopted.gone.values():
+                if mnt and sysmount.is_mounted(mnt):
+                    sysmount.cleanup_stale([mnt])  # removed from the config while we restarted
+            journal.snapshot(self.ops.snapshot())
+        else:
+            sysmount.cleanup_stale([self.fuse_root] + [a.mnt for a in self.cfg.ays])
+            os.makedirs(self.fuse_root, mode=0o755, exist_ok=True)
+        self.ops.journal = journal
+        journal.compact = self.ops.snapshot
+        if resume is None:
+            journal.session(self.ops.no_open)  # a resumed session keeps its mode (see Operations.adopt)
+        if resume is not None:
+            self.ops.on_init = resume.finish
+            pyfuse3.init(self.ops, resume.mountpoint(), options)
+            resume.start()
+            self._fuse_fd = resume.fuse_fd
+        else:
+            pyfuse3.init(self.ops, self.fuse_root, options)
+            self._fuse_fd = handover.session_fd()
+        if handover.fd_store_available():
+            handover.store(handover.FUSE_FDNAME, self._fuse_fd)
+            handover.store(handover.STATE_FDNAME, journal.fd)
+
+    async def _hand_over(self) -> None:
+        """Stop reading requests, answer those already read, write the state for the next process."""
+        notify.notify("STOPPING=1", "STATUS=handing the mounts over to the next process")
+        pyfuse3.terminate()
+        with trio.move_on_after(max(5.0, self.cfg.main.fetch_timeout + 2)) as scope:
+            await self._fuse_done.wait()
+        if scope.cancelled_caught:
+            log.warning("requests still running after %.0fs: the next process gets them again",
+                        scope.deadline - trio.current_time())
+        await self.ops.save_pending_writes()  # debug mode: keep what was written so far
+        journal = self.ops.journal
+        assert isinstance(journal, StateJournal)
+        journal.snapshot(self.ops.snapshot())
+        if self.handover_mode == "exec":
+            self.exec_fds = {handover.FUSE_FDNAME: os.dup(self._fuse_fd), handover.STATE_FDNAME: os.dup(journal.fd)}
+        log.info("handed over: %d inodes, %d open files", len(self.ops.nodes), len(self.ops.open_files))
+
+    def fuse_mode(self) -> str:
+        """The kernel mode the FUSE session runs in, and why (log, `aysctl status`)."""
+        if self.ops.no_open:
+            return "no_open (kernel caches pages and listings: no OPEN/RELEASE/READDIR per file)"
+        if self._adopted is not None and self._adopted.no_open is not None:
+            return "open/release per file (the session resumed was started so)"
+        if fuse_patched():
+            return "open/release per file (a debug mount at start)"
+        return "open/release per file (pyfuse3 without aysfs's patch: every open and listing is a request)"
+
+    async def run(self) -> None:
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=" + sysmount.FSNAME, "subtype=aysfs", "allow_other", "default_permissions"}
+        if self._session_ro:
+            options.add("ro")
+        self._start_session(options)
+        if interrupts.available():
+            intr = "requests of killed callers given up (EINTR)"
+        else:
+            intr = "pyfuse3 without aysfs's interrupt patch: a killed caller's request runs to its end"
+        log.info("FUSE session at %s, %s; %s; interrupts: %s", self.fuse_root, fuselib.summary(fuselib.describe()),
+                 self.fuse_mode(), intr)
+        try:
+            async with trio.open_nursery() as n:
+                self.nursery = n
+                self.fetcher.nursery = n
+                n.start_soon(self._fuse_main)
+                if interrupts.available():
+                    n.start_soon(self.ops.callers.run)
+                if self._adopted is not None:
+                    handover.ask_resend(self._fuse_fd)  # what a killed process had read, unanswered
+                n.start_soon(self._signals)
+                await n.start(ControlServer(self, self.cfg.main.control_socket).serve)
+                await self.metrics.configure(self.cfg.main.metrics_listen)
+                async with trio.open_nursery() as starting:  # concurrently: READY does not wait on each in turn
+                    for a in self.cfg.ays:
+                        if self._adopted is not None and a.name in self._adopted.mounts:
+                            starting.start_soon(self.adopt_mount, a)
+                        else:
+                            starting.start_soon(self.start_mount, a)
+                n.start_soon(watch_config, self.config_path, self.reload)
+                n.start_soon(self._expiry_loop)
+                n.start_soon(self._recheck_loop)
+                n.start_soon(self._flush_loop)
+                wd = notify.watchdog_interval()
+                if wd:
+                    n.start_soon(self._watchdog, wd)
+                notify.notify("READY=1", f"STATUS={self.status_line()}")
+                log.info("ready: %s", self.status_line())
+                await self._stop.wait()
+                if self.handover_mode:
+                    await self._hand_over()
+                else:
+                    notify.notify("STOPPING=1")
+                    for name in list(self.ops.mounts):
+                        await self.stop_mount(name, shutdown=True)
+                with trio.move_on_after(2):
+                    await self.fetcher.drain()  # queued grid write-backs: no temp files left behind
+                n.cancel_scope.cancel()
+        finally:
+            try:
+                pyfuse3.close(unmount=not self.handover_mode)
+            except Exception as e:
+                log.error("closing the FUSE session: %s", e)
+            if not self.handover_mode:
+                if self._adopted is not None:
+                    sysmount.unmount_session(self.fuse_root)
+                sysmount.cleanup_stale([self.fuse_root])
+                if handover.fd_store_available():
+                    handover.forget_stored()
+            with trio.CancelScope(shield=True):
+                await self.metrics.close()
+            for s in self.fetcher.grid + self.fetcher.stors:
+                with trio.CancelScope(shield=True):
+                    await s.store.aclose()
+                s.store.close()
+            self.cache.close()
+            log.info("stopped")

@@ -1,0 +1,1 @@
+"""Debug mode: edited files kept in Redis, shown over the published tree."""

@@ -1,0 +1,303 @@
+"""Startup profiles on a mount: found, played ahead of the reader, or recorded for the grid.
+
+On a cold start of a version (its root directory object not in the local cache) the daemon
+looks for a profile (see aysfsd.tree.profile): first the one the ref names (published with
+`aysctl publish --profile`), then the grid caches in order (`profiles/<root>`). Found, its
+items are resolved through the verified tree and fetched in their order, WINDOW at a time:
+the reader's own misses are not queued behind them (they fetch at once, or join a fetch of
+the same blob already in flight). Not found, and with a writable grid cache, the start is
+recorded (see aysfsd.fuse.startwatch) and the profile written to the writable grid caches, so
+the next node of the grid starts with it. Either way a StartWatch counts how much of the
+profile the start read. A bad profile costs bandwidth and log lines, never bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyfuse3
+import trio
+
+from ..stores import StoreError
+from ..stores.layout import grid_profile_path, profile_ref_path
+from ..tiers import Fetcher, FetchError
+from ..tree.objects import KIND_DIR, KIND_FILE, Entry, pack_members
+from ..tree.profile import DIR_INDEX, Item, Profile, ProfileError, decode
+from ..tree.ref import Ref, RefError, decode_ref, verify
+from .ops import MountPoint, Operations
+from .progress import ProfileUse
+from .startwatch import StartWatch
+
+log = logging.getLogger("aysfsd.tree.profile")
+
+WINDOW = 24  # profile items fetched at once (the HTTP pool holds 32 connections: some stay the reader's)
+LOGGED_IGNORED = 5  # ignored items logged one by one; the rest are counted
+RECORD_SECONDS = 300.0  # an automatic recording ends after this long (from the first need)
+
+
+def _extra(mp: MountPoint) -> dict[str, str]:
+    return {"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id}
+
+
+# -- finding ------------------------------------------------------------------------------------
+
+
+async def from_ref(fetcher: Fetcher, mp: MountPoint, ref: Ref, trusted: list[str],
+                   timeout: float) -> tuple[str, Profile] | None:
+    """The profile named by the ref published beside `ref` (same fields), if any and valid."""
+    rel = profile_ref_path(mp.cfg.id)
+    for src in sorted(fetcher.stors, key=lambda s: s.is_down()):
+        try:
+            with trio.fail_after(max(1.0, timeout)):
+                raw = await src.store.fetch(rel)
+        except (StoreError, trio.TooSlowError):
+            continue
+        if raw is None:
+            continue
+        try:
+            pref = decode_ref(raw, mp.cfg.id)
+            if (pref.root, pref.revision, pref.time) != (ref.root, ref.revision, ref.time) or not pref.profile:
+                log.debug("mount %s: the profile ref at %s is for another version", mp.name, src.name,
+                          extra=_extra(mp))
+                return None
+            if trusted:
+                verify(pref, trusted)
+            data = await fetcher.get(pref.profile, local=False, grid=False)
+            return pref.profile, decode(data, ref.root)
+        except (RefError, ProfileError, FetchError) as e:
+            log.error("mount %s: refused the profile named by the ref at %s: %s", mp.name, src.name, e,
+                      extra=_extra(mp))
+            return None
+    return None
+
+
+async def from_grid(fetcher: Fetcher, mp: MountPoint, root: str) -> Profile | None:
+    rel = grid_profile_path(root)
+    for g in fetcher.grid:
+        if g.is_down():
+            continue
+        try:
+            raw = await g.store.fetch(rel)
+        except StoreError as e:
+            log.debug("mount %s: grid cache %s: no profile: %s", mp.name, g.name, e, extra=_extra(mp))
+            continue
+        if raw is None:
+            continue
+        try:
+            return decode(raw, root)
+        except ProfileError as e:
+            log.error("mount %s: refused the profile in grid cache %s: %s", mp.name, g.name, e, extra=_extra(mp))
+    return None
+
+
+async def to_grid(fetcher: Fetcher, mp: MountPoint, profile: Profile) -> list[str]:
+    """Write a recorded profile to every writable grid cache (atomically, like blobs)."""
+    data = profile.encode()
+    done = []
+    for g in fetcher.grid:
+        if not g.writable or g.is_down():
+            continue
+        try:
+            await g.store.store(grid_profile_path(profile.root), data)
+            done.append(g.name)
+        except StoreError as e:
+            log.warning("mount %s: could not write the startup profile to grid cache %s: %s", mp.name, g.name, e,
+                        extra=_extra(mp))
+    return done
+
+
+# -- playing ------------------------------------------------------------------------------------
+
+
+async def _place(ops: Operations, mp: MountPoint, root: str, item: Item) -> tuple[Entry, list[Entry]] | None:
+    """The entry at an item's path and its directory's entries (for a directory item: the
+    entry is the directory's own); None when the tree has nothing there."""
+    grid = mp.cfg.cache_grid
+    parts = item.parts()
+    entries, index = await ops.load_root(root, grid=grid)
+    if not parts:
+        return Entry("", KIND_DIR, 0, 0, 0, hash=root), entries
+    for n, name in enumerate(parts):
+        i = index.get(name)
+        if i is None:
+            return None
+        e = entries[i]
+        if n == len(parts) - 1:
+            return e, entries
+        if e.kind != KIND_DIR:
+            return None
+        entries, index = await ops.load_dir(e.hash, grid=grid)
+    return None
+
+
+Target = tuple[str, str, int, list[tuple[str, int, int]]]  # (blob or pack, item hash, bytes, pack members)
+
+
+async def play(ops: Operations, mp: MountPoint, profile: Profile, use: ProfileUse) -> None:
+    """Fetch the blobs a profile names, in its order, WINDOW at a time; items the tree does not
+    name at their place are ignored with a log line.
+
+    One task resolves the items in order through the tree (starting each directory object's
+    load as soon as its place is checked) and hands the blobs to WINDOW fetchers in that
+    order: what the stor sees is the profile's order, however long each fetch takes."""
+    fetcher = ops.fetcher
+    cfg = mp.cfg
+    root = profile.root
+    started: set[str] = set()  # directory objects, blobs and packs asked for already
+    send, recv = trio.open_memory_channel[Target](0)  # a fetcher takes the next blob when free
+
+    def ignore(n: int, item: Item, why: str) -> None:
+        use.ignored += 1
+        if use.ignored <= LOGGED_IGNORED:
+            log.warning("mount %s: profile item %d (%r, %d, %s) ignored: %s", mp.name, n, item.path, item.index,
+                        item.hash[:12], why, extra={**_extra(mp), "BLOB": item.hash})
+        elif use.ignored == LOGGED_IGNORED + 1:
+            log.warning("mount %s: more profile items ignored (counted in the status)", mp.name, extra=_extra(mp))
+
+    def failed(what: str, e: Exception) -> None:
+        use.errors += 1
+        log.warning("mount %s: profile %s: %s", mp.name, what, e, extra=_extra(mp))
+
+    async def load(h: str, path: str) -> None:
+        try:
+            await ops.load_dir(h, grid=cfg.cache_grid)
+        except (FetchError, pyfuse3.FUSEError) as e:
+            failed(f"directory {path!r}", e)
+
+    def target(n: int, item: Item, e: Entry, entries: list[Entry], dirs: trio.Nursery) -> Target | None:
+        """What to fetch for an item whose place is known, None when nothing (or ignored)."""
+        if item.index == DIR_INDEX:
+            if e.kind != KIND_DIR or e.hash != item.hash:
+                ignore(n, item, "the tree names another directory object there")
+            elif item.hash not in started:
+                started.add(item.hash)
+                dirs.start_soon(load, item.hash, item.path)
+            return None
+        pieces = e.blobs()
+        if e.kind != KIND_FILE or item.index >= len(pieces) or pieces[item.index] != (item.hash, item.size):
+            ignore(n, item, "the tree names another blob (or size) there")
+            return None
+        if item.index == 0 and e.pack:
+            if e.pack in started or not fetcher.missing(item.hash):
+                return None
+            started.add(e.pack)
+            return e.pack, item.hash, e.pack_size, pack_members(entries, KIND_FILE).get(e.pack, [])
+        if item.hash in started or not fetcher.missing(item.hash):
+            return None
+        started.add(item.hash)
+        return item.hash, item.hash, item.size, []
+
+    async def resolve() -> None:
+        async with send, trio.open_nursery() as dirs:
+            for n, item in enumerate(profile.items):
+                try:
+                    place = await _place(ops, mp, root, item)
+                except (FetchError, pyfuse3.FUSEError) as e:
+                    failed(f"item {n} ({item.path!r})", e)
+                    continue
+                if place is None:
+                    ignore(n, item, "no such path in this version")
+                    continue
+                t = target(n, item, place[0], place[1], dirs)
+                if t is not None:
+                    await send.send(t)
+
+    async def fetch(recv: trio.MemoryReceiveChannel[Target]) -> None:
+        async with recv:
+            async for h, item_hash, size, members in recv:
+                try:
+                    if members:
+                        await fetcher.get_pack(h, members, local=cfg.cache_local, grid=cfg.cache_grid,
+                                               account=mp.bytes_by_tier)
+                    else:
+                        await fetcher.get(h, local=cfg.cache_local, grid=cfg.cache_grid, account=mp.bytes_by_tier)
+                except FetchError as e:
+                    failed(f"blob {item_hash}", e)
+                    continue
+                use.fetched_blobs += 1
+                use.fetched_bytes += size
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(resolve)
+        for _ in range(WINDOW):
+            nursery.start_soon(fetch, recv.clone())
+        await recv.aclose()
+
+
+async def _load_tree(ops: Operations, mp: MountPoint, root: str) -> None:
+    """The version's root object and tree packs, beside the search for a profile: the reader's
+    first lookup and the profile's first items need them (errors are the reader's to report)."""
+    try:
+        await ops.load_root(root, grid=mp.cfg.cache_grid)
+    except (FetchError, pyfuse3.FUSEError) as e:
+        log.debug("mount %s: loading the tree ahead: %s", mp.name, e, extra=_extra(mp))
+
+
+# -- a cold start -------------------------------------------------------------------------------
+
+
+def arm(fetcher: Fetcher, mp: MountPoint, ref: Ref, idle: float) -> StartWatch:
+    """Watch the start of `ref`'s version from its first need: call it before the mount can be
+    read (cold_start then decides whether the watch records or measures)."""
+    record = mp.cfg.cache_grid and any(g.writable for g in fetcher.grid)
+    watch = StartWatch(ref.root, idle=idle, timeout=RECORD_SECONDS, record=record)
+    if mp.watch is not None:
+        mp.watch.stop("replaced")
+    mp.watch = watch
+    mp.profile = ProfileUse(ref.root, watch=watch)
+    return watch
+
+
+async def cold_start(ops: Operations, mp: MountPoint, ref: Ref, watch: StartWatch, *, trusted: list[str],
+                     timeout: float) -> None:
+    """Find and play a profile for `ref`'s version, or record one for the grid (see the module
+    docstring), with the watch `arm` gave. Runs in the background once the mount is up."""
+    fetcher = ops.fetcher
+    use = mp.profile
+    if use is None or use.watch is not watch:
+        return  # armed again since
+    record = watch.record
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch.run)
+            nursery.start_soon(_load_tree, ops, mp, ref.root)
+            found: tuple[str, Profile] | None = await from_ref(fetcher, mp, ref, trusted, timeout)
+            if found is not None:
+                use.source, use.hash = "ref", found[0]
+            else:
+                p = await from_grid(fetcher, mp, ref.root)
+                if p is not None:
+                    use.source, found = "grid", ("", p)
+            if mp.ref is not ref:
+                watch.stop("replaced")
+                return
+            if found is not None:
+                profile = found[1]
+                use.items, use.state = len(profile.items), "fetching"
+                watch.measure({i.hash for i in profile.items})
+                log.info("mount %s: startup profile from the %s: %d items, fetching ahead", mp.name, use.source,
+                         use.items, extra=_extra(mp))
+                await play(ops, mp, profile, use)
+                use.state = "done"
+                log.info("mount %s: startup profile fetched: %d blobs (%d bytes), %d items ignored, %d errors",
+                         mp.name, use.fetched_blobs, use.fetched_bytes, use.ignored, use.errors, extra=_extra(mp))
+                return
+            if not record:
+                use.state = "none"
+                watch.stop("no profile")
+                return
+            use.state = "recording"
+            await watch.done.wait()
+    finally:
+        if mp.watch is watch and not watch.active:
+            mp.watch = None
+    if watch.reason == "replaced" or not watch.items:
+        use.state = "none"
+        return
+    recorded = watch.profile()
+    watch.items = []  # kept as `recorded` until written; the status keeps the count
+    use.written = await to_grid(fetcher, mp, recorded)
+    use.items, use.state = len(recorded.items), "recorded"
+    log.info("mount %s: recorded a startup profile of %d items (%d bytes) in %.1fs (%s); written to %s", mp.name,
+             len(recorded.items), recorded.data_bytes, watch.seconds, watch.reason,
+             ", ".join(use.written) or "no grid cache", extra=_extra(mp))
