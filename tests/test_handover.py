@@ -61,7 +61,7 @@ def _take_fd(pid: int, fd: int) -> int:
 
 
 def _fds_of(pid: int) -> dict[str, int]:
-    out = {}
+    out: dict[str, int] = {}
     for n in os.listdir(f"/proc/{pid}/fd"):
         try:
             link = os.readlink(f"/proc/{pid}/fd/{n}")
@@ -74,8 +74,94 @@ def _fds_of(pid: int) -> dict[str, int]:
     return out
 
 
-def _pin(mnt: Path) -> dict[str, int]:
-    return {p: os.open(mnt / p, os.O_RDONLY) for p in ("which.txt", "lib/json", "lib/json/decoder.py")}
+class _Held:
+    """What a process holds across a restart: data/big.bin open with only its first 4 KiB read
+    and, with `pin`, three paths kept open (the kernel cannot forget them; drop_caches elsewhere
+    would) with their inode numbers."""
+
+    def __init__(self, mnt: Path, published: Path, pin: bool = True) -> None:
+        self.mnt = mnt
+        self.big = mnt / "data" / "big.bin"
+        self.want = (published / "data" / "big.bin").read_bytes()
+        self.f = open(self.big, "rb")
+        assert self.f.read(4096) == self.want[:4096]
+        paths = ("which.txt", "lib/json", "lib/json/decoder.py") if pin else ()
+        self.pinned = {p: os.open(mnt / p, os.O_RDONLY) for p in paths}
+        self.inos = {p: os.fstat(fd).st_ino for p, fd in self.pinned.items()}
+
+    def check(self) -> None:
+        """The open file goes on reading, including chunks never fetched before the restart, and
+        the pinned paths keep their inode numbers; closes all of it."""
+        self.f.seek(4096)
+        rest = self.f.read()
+        self.f.close()
+        assert hashlib.sha256(self.want[4096:]).digest() == hashlib.sha256(rest).digest()
+        assert {p: os.stat(self.mnt / p).st_ino for p in self.inos} == self.inos
+        for fd in self.pinned.values():
+            os.close(fd)
+
+
+class _Successor:
+    """A daemon SIGKILLed and the next one started on its descriptors, which the test keeps
+    meanwhile (what systemd does with FileDescriptorStoreMax= and Restart=on-failure)."""
+
+    def __init__(self, work: Path, d: Daemon) -> None:
+        self.work = work
+        self.d = d
+        self.kept: dict[str, int] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = work / "d2.log"
+
+    def __enter__(self) -> _Successor:
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self._close_kept()
+        self.d.stop()
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+    def take(self) -> dict[str, int]:
+        """Duplicates of the first daemon's /dev/fuse and state descriptors, by name."""
+        assert self.d.proc is not None
+        pid = self.d.proc.pid
+        self.kept = {name: _take_fd(pid, fd) for name, fd in _fds_of(pid).items()}
+        return self.kept
+
+    def kill(self) -> None:
+        assert self.d.proc is not None
+        self.d.proc.send_signal(signal.SIGKILL)
+        self.d.proc.wait(10)
+        self.d.proc = None
+
+    def resume(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """aysfsd on the same config, handed the kept descriptors (AYSFS_HANDOVER_FDS)."""
+        for fd in self.kept.values():
+            os.set_inheritable(fd, True)
+        fds = ",".join(f"{k}={v}" for k, v in self.kept.items())
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "aysfsd"), "--config", str(self.work / "aysfs.toml"), "--log-level", "debug"],
+            stdout=logf, stderr=subprocess.STDOUT, pass_fds=list(self.kept.values()),
+            env=dict(os.environ, **(env or {}), AYSFS_HANDOVER_FDS=fds))
+        logf.close()
+        self._close_kept()
+        return self.proc
+
+    def wait_ready(self, timeout: float = 20, or_exit: bool = False) -> None:
+        proc = self.proc
+        assert proc is not None
+        wait_for(lambda: " ready: " in self.log() or (or_exit and proc.poll() is not None), timeout,
+                 "the second daemon")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _close_kept(self) -> None:
+        for fd in self.kept.values():
+            os.close(fd)
+        self.kept = {}
 
 
 @pytest.fixture
@@ -94,42 +180,39 @@ def _start(work: Path, nginx_stor: Nginx, name: str) -> tuple[Daemon, Path]:
     return Daemon(cfg, work / f"{name}.log").start(wait_mounts=[mnt]), mnt
 
 
-def _reader(mnt: Path, stop: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", READER, str(mnt), str(stop)], stdout=subprocess.PIPE, text=True)
+class _Reader:
+    """READER in a child process: lists, reads and stats under `mnt` in a loop until stop()."""
+
+    def __init__(self, mnt: Path, work: Path) -> None:
+        self.stop_file = work / "stop-reader"
+        self.proc = subprocess.Popen([sys.executable, "-c", READER, str(mnt), str(self.stop_file)],
+                                     stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> tuple[int, int, str]:
+        """(loops that went right, loops that failed, the whole output)."""
+        self.stop_file.write_text("")
+        out, _ = self.proc.communicate(timeout=60)
+        ok, errors, _last = out.split(" ", 2)
+        return int(ok), int(errors), out
 
 
 def test_aysctl_restart_keeps_mounts_open_files_and_inodes(work: Path, nginx_stor: Nginx, published: Path) -> None:
     d, mnt = _start(work, nginx_stor, "d")
     try:
         pid = d.proc.pid if d.proc else 0
-        big = mnt / "data" / "big.bin"
-        want = (published / "data" / "big.bin").read_bytes()
-        f = open(big, "rb")  # held across the restart; only its first bytes are read before
-        assert f.read(4096) == want[:4096]
-        pinned = _pin(mnt)  # open: the kernel cannot forget them (drop_caches elsewhere would)
-        inos = {p: os.fstat(fd).st_ino for p, fd in pinned.items()}
-        stop = work / "stop-reader"
-        reader = _reader(mnt, stop)
+        held = _Held(mnt, published)
+        reader = _Reader(mnt, work)
         time.sleep(0.5)
         r = aysctl("restart", "--socket", str(work / "st" / "aysfsd.sock"))
         assert f"pid {pid}" in r.stdout, r.stdout
         wait_for(lambda: "resuming the FUSE session" in d.log(), 15, "the resumed session")
         time.sleep(0.5)
-        stop.write_text("")
-        out, _ = reader.communicate(timeout=60)
-        ok, errors, last = out.split(" ", 2)
-        assert int(errors) == 0, f"reader errors through the restart: {out}"
-        assert int(ok) > 10
+        ok, errors, out = reader.stop()
+        assert errors == 0, f"reader errors through the restart: {out}"
+        assert ok > 10
         assert d.proc is not None and d.proc.poll() is None and d.proc.pid == pid
         assert mounted(mnt)
-        # the open file goes on reading, including chunks never fetched before the restart
-        f.seek(4096)
-        rest = f.read()
-        f.close()
-        assert hashlib.sha256(want[4096:]).digest() == hashlib.sha256(rest).digest()
-        assert {p: os.stat(mnt / p).st_ino for p in inos} == inos
-        for fd in pinned.values():
-            os.close(fd)
+        held.check()
         log = d.log()
         assert "removed stale mount" not in log
         assert "Traceback" not in log
@@ -141,61 +224,22 @@ def test_aysctl_restart_keeps_mounts_open_files_and_inodes(work: Path, nginx_sto
 def test_killed_daemon_is_resumed_from_kept_descriptors(work: Path, nginx_stor: Nginx, published: Path) -> None:
     """What systemd does with FileDescriptorStoreMax= and Restart=on-failure, done by the test."""
     d, mnt = _start(work, nginx_stor, "d1")
-    kept: dict[str, int] = {}
-    d2 = None
-    try:
-        assert d.proc is not None
-        big = mnt / "data" / "big.bin"
-        want = (published / "data" / "big.bin").read_bytes()
-        f = open(big, "rb")
-        assert f.read(4096) == want[:4096]
-        pinned = _pin(mnt)  # open: the kernel cannot forget them (drop_caches elsewhere would)
-        inos = {p: os.fstat(fd).st_ino for p, fd in pinned.items()}
-        fds = _fds_of(d.proc.pid)
-        assert set(fds) == {"aysfs-fuse", "aysfs-state"}, fds
-        kept = {name: _take_fd(d.proc.pid, fd) for name, fd in fds.items()}
-        stop = work / "stop-reader"
-        reader = _reader(mnt, stop)
+    with _Successor(work, d) as s:
+        held = _Held(mnt, published)
+        kept = s.take()
+        assert set(kept) == {"aysfs-fuse", "aysfs-state"}, kept
+        reader = _Reader(mnt, work)
         time.sleep(0.3)
-        d.proc.send_signal(signal.SIGKILL)
-        d.proc.wait(10)
-        d.proc = None
+        s.kill()
         time.sleep(0.3)  # requests queue in the kernel meanwhile
-        for fd in kept.values():
-            os.set_inheritable(fd, True)
-        env = {"AYSFS_HANDOVER_FDS": ",".join(f"{k}={v}" for k, v in kept.items())}
-        cfg = work / "aysfs.toml"
-        logf = open(work / "d2.log", "ab")
-        d2 = subprocess.Popen([str(BIN / "aysfsd"), "--config", str(cfg), "--log-level", "debug"],
-                              stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ, **env),
-                              pass_fds=list(kept.values()))
-        logf.close()
-        for fd in kept.values():
-            os.close(fd)
-        kept = {}
-        d2log = work / "d2.log"
-        wait_for(lambda: " ready: " in d2log.read_text(errors="replace"), 20, "the second daemon")
+        s.resume()
+        s.wait_ready()
         time.sleep(0.5)
-        stop.write_text("")
-        out, _ = reader.communicate(timeout=60)
-        ok, errors, last = out.split(" ", 2)
-        assert int(errors) == 0, f"reader errors through the kill: {out}"
-        f.seek(4096)
-        rest = f.read()
-        f.close()
-        assert hashlib.sha256(want[4096:]).digest() == hashlib.sha256(rest).digest()
-        assert {p: os.stat(mnt / p).st_ino for p in inos} == inos
-        for fd in pinned.values():
-            os.close(fd)
-        text = d2log.read_text(errors="replace")
+        _ok, errors, out = reader.stop()
+        assert errors == 0, f"reader errors through the kill: {out}"
+        held.check()
+        text = s.log()
         assert "resuming the FUSE session" in text and "removed stale mount" not in text
-    finally:
-        for fd in kept.values():
-            os.close(fd)
-        d.stop()
-        if d2 is not None:
-            d2.send_signal(signal.SIGTERM)
-            d2.wait(20)
     assert not mounted(mnt)
 
 
@@ -248,40 +292,20 @@ def test_no_open_session_is_not_resumed_without_the_patch(work: Path, nginx_stor
         env = {"PYTHONPATH": str(d)}
     d1, mnt = _start(work, nginx_stor, "d1")
     sock = str(work / "st" / "aysfsd.sock")
-    kept: dict[str, int] = {}
-    d2 = None
-    try:
+    with _Successor(work, d1) as s:
         st1 = json.loads(aysctl("status", "--json", "--socket", sock).stdout)["daemon"]
         if not st1["no_open"]:
             pytest.skip(f"the first daemon runs no no_open session: {st1['fuse_mode']} (needs the patched pyfuse3)")
-        assert d1.proc is not None
-        big = mnt / "data" / "big.bin"
-        want = (published / "data" / "big.bin").read_bytes()
-        f = open(big, "rb")
-        assert f.read(4096) == want[:4096]
+        held = _Held(mnt, published, pin=False)
+        f, want, big = held.f, held.want, held.big
         # a close sends FLUSH until the daemon has answered one ENOSYS: the fork that starts d2
         # closes our `f` (close_fds), and with no daemon alive that FLUSH would wait forever
         assert (mnt / "which.txt").read_text() == AYS + "\n"
-        kept = {name: _take_fd(d1.proc.pid, fd) for name, fd in _fds_of(d1.proc.pid).items()}
-        assert set(kept) == {"aysfs-fuse", "aysfs-state"}
-        d1.proc.send_signal(signal.SIGKILL)
-        d1.proc.wait(10)
-        d1.proc = None
-        for fd in kept.values():
-            os.set_inheritable(fd, True)
-        logf = open(work / "d2.log", "ab")
-        d2 = subprocess.Popen([str(BIN / "aysfsd"), "--config", str(work / "aysfs.toml"), "--log-level", "debug"],
-                              stdout=logf, stderr=subprocess.STDOUT, pass_fds=list(kept.values()),
-                              env=dict(os.environ, **env, AYSFS_HANDOVER_FDS=",".join(
-                                  f"{k}={v}" for k, v in kept.items())))
-        logf.close()
-        for fd in kept.values():
-            os.close(fd)
-        kept = {}
-        d2log = work / "d2.log"
-        wait_for(lambda: " ready: " in d2log.read_text(errors="replace") or d2.poll() is not None, 30,
-                 "the second daemon")
-        text = d2log.read_text(errors="replace")
+        assert set(s.take()) == {"aysfs-fuse", "aysfs-state"}
+        s.kill()
+        d2 = s.resume(env)
+        s.wait_ready(30, or_exit=True)
+        text = s.log()
         assert d2.poll() is None, text
         assert "cannot resume the FUSE session: it runs in the kernel's no_open mode, which this pyfuse3 " \
                "cannot serve" in text, text
@@ -303,13 +327,6 @@ def test_no_open_session_is_not_resumed_without_the_patch(work: Path, nginx_stor
         # the new session serves the tree
         assert hashlib.sha256(big.read_bytes()).digest() == hashlib.sha256(want).digest()
         assert (mnt / "which.txt").read_text() == AYS + "\n"
-    finally:
-        for fd in kept.values():
-            os.close(fd)
-        d1.stop()
-        if d2 is not None:
-            d2.send_signal(signal.SIGTERM)
-            d2.wait(20)
     assert not mounted(mnt)
 
 
@@ -388,9 +405,7 @@ def test_big_listing_is_journaled_in_batches_and_survives_sigkill(work: Path, ng
         (src / "big" / f"f{i:04d}").write_text(str(i))
     aysctl("publish", str(src), "--ays", AYS, "--stor", str(nginx_stor.root))  # 3,000 PUTs: minutes on Debian 12's httpx
     d, mnt = _start(work, nginx_stor, "d1")
-    kept: dict[str, int] = {}
-    d2 = None
-    try:
+    with _Successor(work, d) as s:
         assert d.proc is not None
         big = mnt / "big"
         assert (big / "f0000").read_text() == "0"  # the directory object is loaded and cached
@@ -405,23 +420,10 @@ def test_big_listing_is_journaled_in_batches_and_survives_sigkill(work: Path, ng
         inos = {n: os.lstat(big / n).st_ino for n in names}  # the kernel now holds every one
         assert len(set(inos.values())) == BIG_DIR
         assert {e.name: e.inode() for e in os.scandir(big)} == inos  # d_ino is st_ino
-        kept = {name: _take_fd(d.proc.pid, fd) for name, fd in _fds_of(d.proc.pid).items()}
-        d.proc.send_signal(signal.SIGKILL)
-        d.proc.wait(10)
-        d.proc = None
-        for fd in kept.values():
-            os.set_inheritable(fd, True)
-        env = {"AYSFS_HANDOVER_FDS": ",".join(f"{k}={v}" for k, v in kept.items())}
-        logf = open(work / "d2.log", "ab")
-        d2 = subprocess.Popen([str(BIN / "aysfsd"), "--config", str(work / "aysfs.toml"), "--log-level", "debug"],
-                              stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ, **env),
-                              pass_fds=list(kept.values()))
-        logf.close()
-        for fd in kept.values():
-            os.close(fd)
-        kept = {}
-        d2log = work / "d2.log"
-        wait_for(lambda: " ready: " in d2log.read_text(errors="replace"), 20, "the second daemon")
+        s.take()
+        s.kill()
+        s.resume()
+        s.wait_ready()
         # every inode the kernel got from the listing names a node of the new daemon: a read
         # (READ, or OPEN on a stock pyfuse3) of an inode it does not know would fail (ESTALE)
         for i in range(BIG_DIR):
@@ -429,13 +431,6 @@ def test_big_listing_is_journaled_in_batches_and_survives_sigkill(work: Path, ng
             assert os.lstat(big / n).st_ino == inos[n]
             assert (big / n).read_text() == str(i), n
         assert {e.name: e.inode() for e in os.scandir(big)} == inos
-        text = d2log.read_text(errors="replace")
+        text = s.log()
         assert "resuming the FUSE session" in text and "Traceback" not in text
-    finally:
-        for fd in kept.values():
-            os.close(fd)
-        d.stop()
-        if d2 is not None:
-            d2.send_signal(signal.SIGTERM)
-            d2.wait(20)
     assert not mounted(mnt)
