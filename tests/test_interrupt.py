@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,30 @@ def status_within_a_second(s: Setup) -> dict:
     return st
 
 
+@contextmanager
+def reaped(*procs: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Kills and waits for `procs` on the way out, whatever happened inside."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def killed_while_blocked(s: Setup, argv: list[str], sig: int, then: Callable[[], object] = lambda: None) -> int:
+    """Runs `argv` (a reader of the mount) until it blocks on the silent stor, then `then()`,
+    checks the daemon still answers its status, sends `sig`: the reader's exit status, which
+    it must have within EXIT_BOUND."""
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    with reaped(p):
+        wait_blocked(p)
+        then()
+        status_within_a_second(s)
+        p.send_signal(sig)
+        return p.wait(EXIT_BOUND)
+
+
 def assert_each_blob_asked_once(s: Setup) -> None:
     blobs = {p: n for p, n in s.stor.requests.items() if p.startswith("blobs/")}
     assert blobs and max(blobs.values()) == 1, blobs
@@ -105,16 +130,7 @@ def assert_each_blob_asked_once(s: Setup) -> None:
 def test_lookup_in_an_uncached_directory_killed(silent: Setup, sig: int) -> None:
     """A LOOKUP is waited for by the kernel even after SIGKILL: the daemon must answer it."""
     s = silent
-    p = subprocess.Popen(["stat", str(s.mnt / "d" / "x.txt")], stdout=subprocess.DEVNULL)
-    try:
-        wait_blocked(p)
-        status_within_a_second(s)
-        p.send_signal(sig)
-        rc = p.wait(EXIT_BOUND)
-    finally:
-        p.kill()
-        p.wait()
-    assert rc == -sig
+    assert killed_while_blocked(s, ["stat", str(s.mnt / "d" / "x.txt")], sig) == -sig
     assert "interrupted: answered EINTR (caller dying)" in s.daemon.log()
     # everyone else is answered: the mount's root, the status, a second look at the same name
     # (waits again, on the same download: nothing asked twice)
@@ -133,16 +149,8 @@ def test_cat_killed_cancels_its_download(silent: Setup, sig: int) -> None:
     them; the daemon gives them up (their caller is gone) and cancels the download."""
     s = silent
     chunk0 = chunk_path(s.src, 0)
-    p = subprocess.Popen(["cat", str(s.mnt / "big.bin")], stdout=subprocess.DEVNULL)
-    try:
-        wait_blocked(p)
-        wait_for(lambda: s.stor.requests[chunk0] == 1, 10, "the stor to be asked for the first chunk")
-        status_within_a_second(s)
-        p.send_signal(sig)
-        rc = p.wait(EXIT_BOUND)
-    finally:
-        p.kill()
-        p.wait()
+    rc = killed_while_blocked(s, ["cat", str(s.mnt / "big.bin")], sig, then=lambda: wait_for(
+        lambda: s.stor.requests[chunk0] == 1, 10, "the stor to be asked for the first chunk"))
     assert rc == -sig
     h = chunk0.rsplit("/", 1)[1]
     wait_for(lambda: f"blob {h}: fetch cancelled (no reader waits for it anymore)" in s.daemon.log(), 5,
@@ -168,7 +176,7 @@ def test_second_reader_of_the_same_blob_is_not_disturbed(silent: Setup) -> None:
     skip = 3 << 20  # within the first chunk, beyond the first reader's read-ahead window
     second = subprocess.Popen(["dd", f"if={s.mnt / 'big.bin'}", f"of={out}", "bs=64K", f"skip={skip >> 16}",
                                "count=4", "status=none"])
-    try:
+    with reaped(first, second):
         wait_blocked(first)
         wait_blocked(second)
         first.send_signal(signal.SIGKILL)
@@ -182,10 +190,6 @@ def test_second_reader_of_the_same_blob_is_not_disturbed(silent: Setup) -> None:
         status_within_a_second(s)
         s.stor.mode = "ok"
         assert second.wait(EXIT_BOUND) == 0
-    finally:
-        for p in (first, second):
-            p.kill()
-            p.wait()
     assert out.read_bytes() == (s.src / "big.bin").read_bytes()[skip:skip + (256 << 10)]
     assert s.stor.requests[chunk0] == 1
 
@@ -238,7 +242,7 @@ def test_a_signal_the_reader_handles_does_not_interrupt_its_lookup(silent: Setup
     s = silent
     p = subprocess.Popen([sys.executable, "-c", HANDLED_SIGNAL_READER, str(s.mnt / "d" / "y.txt")],
                          stdout=subprocess.PIPE)
-    try:
+    with reaped(p):
         wait_blocked(p)
         for _ in range(3):
             p.send_signal(signal.SIGUSR1)
@@ -249,9 +253,6 @@ def test_a_signal_the_reader_handles_does_not_interrupt_its_lookup(silent: Setup
         assert p.poll() is None
         s.stor.mode = "ok"
         out, _ = p.communicate(timeout=EXIT_BOUND)
-    finally:
-        p.kill()
-        p.wait()
     fd, err, text = out.decode().split()
     assert int(fd) >= 0 and int(err) == 0 and text == "y" * 100
     assert_each_blob_asked_once(s)
