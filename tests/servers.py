@@ -688,31 +688,19 @@ def nginx_stor(tmp_path: Path) -> Iterator[Nginx]:
     """nginx with WebDAV PUT/DELETE serving tmp_path/"stor" (available as .root)."""
     stor = tmp_path / "stor"
     stor.mkdir(exist_ok=True)
-    server = Nginx(stor, tmp_path / "nginx", put=True)
-    try:
-        server.start()
+    with Nginx(stor, tmp_path / "nginx", put=True) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Redis]:
     """redis-server with password "testpass"."""
-    server = Redis(tmp_path / "redis", password="testpass")
-    try:
-        server.start()
+    with Redis(tmp_path / "redis", password="testpass") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def sshd_server(tmp_path: Path) -> Iterator[Sshd]:
     """sshd accepting sshd_server.client_key for root, host key in .known_hosts."""
-    server = Sshd(tmp_path / "sshd")
-    try:
-        server.start()
+    with Sshd(tmp_path / "sshd") as server:
         yield server
-    finally:
-        server.stop()

@@ -31,23 +31,15 @@ TIMEOUT = 3.0
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     """One sshd shared by the tests that do not stop it."""
-    server = Sshd(tmp_path_factory.mktemp("sshd"))
-    try:
-        server.start()
+    with Sshd(tmp_path_factory.mktemp("sshd")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def own_sshd(tmp_path: Path) -> Iterator[Sshd]:
     """A private sshd for tests that stop, restart or freeze it."""
-    server = Sshd(tmp_path / "sshd")
-    try:
-        server.start()
+    with Sshd(tmp_path / "sshd") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def make_store(server: Sshd, root: Path, **kw: object) -> SshStore:
