@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -531,30 +530,20 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_HEAD = _relay
 
 
-@pytest.fixture
-def proxy() -> Iterator[ForwardProxy]:
-    p = ForwardProxy()
-    t = threading.Thread(target=p.serve_forever, daemon=True)
-    t.start()
-    yield p
-    p.shutdown()
-    p.server_close()
-
-
 def test_http_stor_and_grid_cache_through_a_proxy(work: Path, tree: Path, nginx_stor: Nginx,
-                                                  proxy: ForwardProxy) -> None:
+                                                  stor_proxy: ForwardProxy) -> None:
     publish(tree, nginx_stor.url)
     want = read_set(nginx_stor.root)  # what reading every file fetches
     gridsrv = second_nginx(work, "gridroot")
     try:
         mnt = work / "mnt"
-        text = config(work / "d", [{"url": nginx_stor.url, "proxy": proxy.url}], [{"id": AYS, "mnt": str(mnt)}],
-                      [{"mnt": gridsrv.url, "proxy": proxy.url}])
+        text = config(work / "d", [{"url": nginx_stor.url, "proxy": stor_proxy.url}], [{"id": AYS, "mnt": str(mnt)}],
+                      [{"mnt": gridsrv.url, "proxy": stor_proxy.url}])
         with start(work, "d", text, [mnt]):
             assert tree_listing(mnt) == tree_listing(tree)
             wait_for(lambda: set(blob_files(gridsrv.root)) == want, 10, "write-back through the proxy")
         stor_host, grid_host = urlsplit(nginx_stor.url).netloc, urlsplit(gridsrv.url).netloc
-        seen = proxy.seen
+        seen = stor_proxy.seen
         got = {(m, host) for m, host, _ in seen}
         assert {("GET", stor_host), ("GET", grid_host), ("PUT", grid_host)} <= got
         blob_gets = {p.rsplit("/", 1)[1] for m, host, p in seen if m == "GET" and host == stor_host
