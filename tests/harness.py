@@ -103,6 +103,13 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: waits for the exit; its mounts stay behind, stale."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
     def stop(self) -> int:
         if self.proc is None:
             return 0

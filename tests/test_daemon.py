@@ -207,9 +207,7 @@ def test_crash_leaves_no_stale_mount_for_next_start(work: Path, nginx_stor: Ngin
     a = work / "a"
     cfg.write_text(basic_config(work / "st", [nginx_stor.url], {A: str(a)}))
     d = Daemon(cfg, work / "d.log").start(wait_mounts=[a])
-    d.signal(signal.SIGKILL)
-    assert d.proc is not None
-    d.proc.wait(10)
+    d.kill()
     assert mounted(a)  # stale: transport endpoint is not connected
     with Daemon(cfg, work / "d2.log").start() as d2:
         d2.wait_ready()

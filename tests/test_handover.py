@@ -102,8 +102,8 @@ class _Held:
 
 
 class _Successor:
-    """A daemon SIGKILLed and the next one started on its descriptors, which the test keeps
-    meanwhile (what systemd does with FileDescriptorStoreMax= and Restart=on-failure)."""
+    """The next daemon, started on the descriptors of one the test SIGKILLs (Daemon.kill) and
+    keeps meanwhile (what systemd does with FileDescriptorStoreMax= and Restart=on-failure)."""
 
     def __init__(self, work: Path, d: Daemon) -> None:
         self.work = work
@@ -128,12 +128,6 @@ class _Successor:
         pid = self.d.proc.pid
         self.kept = {name: _take_fd(pid, fd) for name, fd in _fds_of(pid).items()}
         return self.kept
-
-    def kill(self) -> None:
-        assert self.d.proc is not None
-        self.d.proc.send_signal(signal.SIGKILL)
-        self.d.proc.wait(10)
-        self.d.proc = None
 
     def resume(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """aysfsd on the same config, handed the kept descriptors (AYSFS_HANDOVER_FDS)."""
@@ -230,7 +224,7 @@ def test_killed_daemon_is_resumed_from_kept_descriptors(work: Path, nginx_stor: 
         assert set(kept) == {"aysfs-fuse", "aysfs-state"}, kept
         reader = _Reader(mnt, work)
         time.sleep(0.3)
-        s.kill()
+        d.kill()
         time.sleep(0.3)  # requests queue in the kernel meanwhile
         s.resume()
         s.wait_ready()
@@ -302,7 +296,7 @@ def test_no_open_session_is_not_resumed_without_the_patch(work: Path, nginx_stor
         # closes our `f` (close_fds), and with no daemon alive that FLUSH would wait forever
         assert (mnt / "which.txt").read_text() == AYS + "\n"
         assert set(s.take()) == {"aysfs-fuse", "aysfs-state"}
-        s.kill()
+        d1.kill()
         d2 = s.resume(env)
         s.wait_ready(30, or_exit=True)
         text = s.log()
@@ -421,7 +415,7 @@ def test_big_listing_is_journaled_in_batches_and_survives_sigkill(work: Path, ng
         assert len(set(inos.values())) == BIG_DIR
         assert {e.name: e.inode() for e in os.scandir(big)} == inos  # d_ino is st_ino
         s.take()
-        s.kill()
+        d.kill()
         s.resume()
         s.wait_ready()
         # every inode the kernel got from the listing names a node of the new daemon: a read

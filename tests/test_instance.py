@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from pathlib import Path
 
@@ -97,9 +96,7 @@ def test_killed_daemon_leaves_its_locks_to_the_next(work: Path, nginx_stor: Ngin
     a = work / "a"
     cfg.write_text(basic_config(work / "st", [nginx_stor.url], {A: str(a)}))
     d = Daemon(cfg, work / "d.log").start(wait_mounts=[a])
-    d.signal(signal.SIGKILL)
-    assert d.proc is not None
-    d.proc.wait(10)
+    d.kill()
     with Daemon(cfg, work / "d2.log").start() as d2:
         d2.wait_ready()
         assert "refusing" not in d2.log() and "stale mount" in d2.log()
