@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from aysfsd.daemon import control
 from tests.harness import Daemon, aysctl, wait_for
 
 NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+AYSCTL = str(Path(sys.executable).parent / "aysctl")
 
 # Run as an unprivileged uid: open N connections to the socket and send nothing; report what
 # each got (a "busy" refusal at once, or the idle-timeout answer later), as JSON on stdout.
@@ -49,17 +52,24 @@ def rundir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_idle_unprivileged_connections_cannot_deny_root(work: Path, rundir: Path) -> None:
+@contextmanager
+def open_daemon(work: Path, rundir: Path) -> Iterator[tuple[Daemon, Path]]:
+    """aysfsd without mounts, ready, its control socket in `rundir` open to every uid (0666: uid
+    nobody connects without the group aysfs): (the daemon, its socket)."""
     sock = rundir / "aysfsd.sock"
     cfg = work / "aysfs.toml"
     cfg.write_text(f'[main]\ncache_dir = "{work}/cache"\ncontrol_socket = "{sock}"\n'
                    f'fuse_root = "{work}/fuse"\n')
     with Daemon(cfg, work / "d.log").start() as d:
         d.wait_ready()
-        os.chmod(sock, 0o666)  # let uid nobody connect (no group aysfs needed)
+        os.chmod(sock, 0o666)
+        yield d, sock
+
+
+def test_idle_unprivileged_connections_cannot_deny_root(work: Path, rundir: Path) -> None:
+    with open_daemon(work, rundir) as (d, sock):
         n = control.MAX_CLIENTS + 10
-        hogs = [subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                                  sys.executable, "-c", HOG, str(sock), str(n), "30"],
+        hogs = [subprocess.Popen([*AS_NOBODY, sys.executable, "-c", HOG, str(sock), str(n), "30"],
                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
         try:
             for h in hogs:
@@ -86,20 +96,12 @@ def test_idle_unprivileged_connections_cannot_deny_root(work: Path, rundir: Path
 
 
 def test_unprivileged_status_still_works(work: Path, rundir: Path) -> None:
-    sock = rundir / "aysfsd.sock"
-    cfg = work / "aysfs.toml"
-    cfg.write_text(f'[main]\ncache_dir = "{work}/cache"\ncontrol_socket = "{sock}"\n'
-                   f'fuse_root = "{work}/fuse"\n')
-    with Daemon(cfg, work / "d.log").start() as d:
-        d.wait_ready()
-        os.chmod(sock, 0o666)
+    with open_daemon(work, rundir) as (d, sock):
         wait_for(lambda: sock.exists(), 5, "the socket")
-        r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                            str(Path(sys.executable).parent / "aysctl"), "--socket", str(sock), "status", "--json"],
+        r = subprocess.run([*AS_NOBODY, AYSCTL, "--socket", str(sock), "status", "--json"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["daemon"]["pid"] == d.proc.pid  # type: ignore[union-attr]
-        r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                            str(Path(sys.executable).parent / "aysctl"), "--socket", str(sock), "reload"],
+        r = subprocess.run([*AS_NOBODY, AYSCTL, "--socket", str(sock), "reload"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 4 and "permission denied" in r.stderr
