@@ -400,10 +400,11 @@ class Squashfuse(Peer):
         return self.image.stat().st_blocks * 512
 
 
-class Rclone(Peer):
-    """rclone mount of an http remote (nginx autoindex of the plain tree), full VFS cache, read-only."""
+class _WebPeer(Peer):
+    """A FUSE client of an http remote (nginx autoindex of the plain tree) with its cache in
+    work/cache; `tool` is its command (and its Debian package)."""
 
-    name = "rclone"
+    tool = ""
 
     def __init__(self, work: Path, cleanup: Cleanup, web: Nginx, url: str | None = None,
                  name: str | None = None) -> None:
@@ -413,46 +414,38 @@ class Rclone(Peer):
 
     def prepare(self) -> None:
         super().prepare()
-        if shutil.which("rclone") is None:
-            raise NotAvailable("rclone not installed (apt-get install rclone)")
-        (self.work / "rclone.conf").write_text("")
+        if shutil.which(self.tool) is None:
+            raise NotAvailable(f"{self.tool} not installed (apt-get install {self.tool})")
 
     def clear_cache(self) -> None:
         shutil.rmtree(self.work / "cache", ignore_errors=True)
+
+    def cache_bytes(self) -> int | None:
+        return du_bytes(self.work / "cache")
+
+
+class Rclone(_WebPeer):
+    """rclone mount of an http remote (nginx autoindex of the plain tree), full VFS cache, read-only."""
+
+    name = tool = "rclone"
+
+    def prepare(self) -> None:
+        super().prepare()
+        (self.work / "rclone.conf").write_text("")
 
     def _start(self) -> Proc:
         return Proc(["rclone", "mount", ":http:", str(self.root), "--http-url", self.url + "/",
                      "--read-only", "--vfs-cache-mode", "full", "--cache-dir", str(self.work / "cache"),
                      "--config", str(self.work / "rclone.conf"), "--log-level", "NOTICE"], self.log)
 
-    def cache_bytes(self) -> int | None:
-        return du_bytes(self.work / "cache")
 
-
-class Httpdirfs(Peer):
+class Httpdirfs(_WebPeer):
     """httpdirfs with its cache, over nginx autoindex of the plain tree."""
 
-    name = "httpdirfs"
-
-    def __init__(self, work: Path, cleanup: Cleanup, web: Nginx, url: str | None = None,
-                 name: str | None = None) -> None:
-        self.name = name or self.name
-        super().__init__(work, cleanup)
-        self.url = url or web.url  # url: the same server behind a simulated link
-
-    def prepare(self) -> None:
-        super().prepare()
-        if shutil.which("httpdirfs") is None:
-            raise NotAvailable("httpdirfs not installed (apt-get install httpdirfs)")
-
-    def clear_cache(self) -> None:
-        shutil.rmtree(self.work / "cache", ignore_errors=True)
+    name = tool = "httpdirfs"
 
     def _start(self) -> Proc:
         (self.work / "cache").mkdir(parents=True, exist_ok=True)
         # --no-range-check: 1.2.5's check rejects nginx, which does serve ranges (206 + Content-Range)
         return Proc(["httpdirfs", "-f", "--cache", "--no-range-check", "--cache-location", str(self.work / "cache"),
                      self.url + "/", str(self.root)], self.log)
-
-    def cache_bytes(self) -> int | None:
-        return du_bytes(self.work / "cache")
