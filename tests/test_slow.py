@@ -23,6 +23,7 @@ from tests.harness import Daemon, ctl, wait_for
 from tests.harness import aysctl as run_aysctl
 from tests.servers import BadStor, free_port
 from tests.test_metrics import scrape
+from tests.test_treepacks import live_fetcher
 
 AYS = "jumpscale|slow!main"
 
@@ -230,7 +231,6 @@ def test_recheck_reads_again_what_failed_never_an_invalid_object(work: Path) -> 
     from aysfsd.fuse.ops import MountPoint, Operations
     from aysfsd.stores import DirStore
     from aysfsd.stores.layout import blob_path, ref_path
-    from aysfsd.tiers import Fetcher, Source
     from aysfsd.tiers.local import LocalCache
     from aysfsd.tree.ref import decode_ref
 
@@ -261,13 +261,9 @@ def test_recheck_reads_again_what_failed_never_an_invalid_object(work: Path) -> 
     cache = LocalCache(str(work / "lmdb"), 16 << 20)
 
     async def main() -> None:
-        f = Fetcher(cache, [], [Source(Counting(str(root_dir)), "stor")], timeout=5)
-        ops = Operations(f, cache)
-        async with trio.open_nursery() as n:
-            f.nursery = n
+        async with live_fetcher(cache, Counting(str(root_dir)), timeout=5) as f:
             with trio.fail_after(10):
-                await ops.recheck_unreadable(mp)
-            n.cancel_scope.cancel()
+                await Operations(f, cache).recheck_unreadable(mp)
 
     try:
         trio.run(main)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from aysfsd.stores import DirStore
+from aysfsd.stores import DirStore, Store
 from aysfsd.stores.layout import blob_path
 from aysfsd.tiers import Fetcher, Source
 from aysfsd.tiers.local import LocalCache
@@ -225,6 +226,16 @@ def test_damaged_tree_pack_falls_back_and_the_listing_is_exact(work: Path, deep:
         assert f"tree index of {root}" in log and "ignored" in log
 
 
+@asynccontextmanager
+async def live_fetcher(cache: LocalCache, stor: Store, timeout: float) -> AsyncIterator[Fetcher]:
+    """A Fetcher on `stor` alone, its background work in a nursery cancelled when the block ends."""
+    f = Fetcher(cache, [], [Source(stor, "stor")], timeout=timeout)
+    async with trio.open_nursery() as n:
+        f.nursery = n
+        yield f
+        n.cancel_scope.cancel()
+
+
 def test_a_pack_that_is_its_own_member_is_fetched_not_waited_for(tmp_path: Path) -> None:
     """A hostile directory object or tree index can name a pack as one of its own members;
     the pack's download must not wait for itself (it would never end: no fetch_timeout)."""
@@ -237,14 +248,11 @@ def test_a_pack_that_is_its_own_member_is_fetched_not_waited_for(tmp_path: Path)
     got: list[bytes] = []
 
     async def main() -> None:
-        f = Fetcher(cache, [], [Source(stor, "stor")], timeout=5)
-        async with trio.open_nursery() as n:
-            f.nursery = n
+        async with live_fetcher(cache, stor, timeout=5) as f:
             with trio.fail_after(5):
                 await f.load_packs([(h, [(h, 0, len(data)), (hashlib.sha256(other).hexdigest(), len(data), 1)])],
                                    grid=False, at_once=2)
                 got.append(await f.get(h))
-            n.cancel_scope.cancel()
 
     try:
         trio.run(main)
@@ -274,16 +282,13 @@ def test_loader_fetches_many_packs_a_few_at_a_time_each_member_once(tmp_path: Pa
     counts: list[int] = []
 
     async def main() -> None:
-        f = Fetcher(cache, [], [Source(stor, "stor")], timeout=5)
-        async with trio.open_nursery() as n:
-            f.nursery = n
+        async with live_fetcher(cache, stor, timeout=5) as f:
             with trio.fail_after(10):
                 counts.append(await TreeLoader(f).load(root, False))
                 await f.keeper.flushed()  # members are served from memory, written to LMDB behind
                 counts.append(await TreeLoader(f).load(root, False))  # all cached: nothing fetched
             counts.append(f.counters.packs)
             counts.append(f.counters.pack_members)
-            n.cancel_scope.cancel()
 
     try:
         trio.run(main)
@@ -317,19 +322,17 @@ def test_a_first_lookup_during_another_waits_for_its_tree_pack_claims(work: Path
     listed: list[list[str]] = []
 
     async def main() -> None:
-        f = Fetcher(cache, [], [Source(SlowIndexStor(str(work / "stor")), "stor")], timeout=10)
-        ops = Operations(f, cache)
-        async with trio.open_nursery() as n:
-            f.nursery = n
+        async with live_fetcher(cache, SlowIndexStor(str(work / "stor")), timeout=10) as f:
+            ops = Operations(f, cache)
+            assert f.nursery is not None
             with trio.fail_after(10):
-                n.start_soon(ops.load_root, root)  # the first: waits for the index
+                f.nursery.start_soon(ops.load_root, root)  # the first: waits for the index
                 while root not in ops._dirs:
                     await trio.sleep(0.01)
                 assert tree_path(root) in asked and not ops.trees._claimed[root].is_set()
                 await ops.load_root(root)  # the second
                 entries, _ = await ops.load_dir(level1)
                 listed.append(sorted(e.name for e in entries))
-            n.cancel_scope.cancel()
 
     try:
         trio.run(main)
