@@ -10,6 +10,9 @@ per mount would cost ~3x the memory for 3 mounts and grow by that much per mount
 reload only adds or removes bind mounts: an untouched mount is never restarted, so its
 open files keep reading. The price: one crash takes every mount down (systemd restarts
 the daemon; the next start removes the stale mounts).
+
+The daemon asks `versions` which version a mount serves, runs its FUSE session through
+`session` (new, resumed or handed over) and reports through `status`.
 """
 
 from __future__ import annotations
@@ -34,16 +37,17 @@ from ..fuse import handover, interrupts, profiles, sysmount
 from ..fuse import lib as fuselib
 from ..fuse.ops import MountPoint, Operations
 from ..fuse.startwatch import StartWatch
-from ..fuse.statejournal import Restored, StateJournal, recorded_no_open, restore
 from ..metrics import MetricsEndpoint
-from ..stores import DirStore, LowSpeed, StoreError, describe, open_store
-from ..stores.layout import ref_path
+from ..stores import DirStore, LowSpeed, open_store
 from ..tiers import Fetcher, Source
 from ..tiers.local import LocalCache
-from ..tree.ref import Ref, RefError, decode_ref, verify
-from . import gridrefs, notify
+from ..tree.ref import Ref
+from . import notify
 from .control import ControlServer
 from .installed import installed_version, upgrade_note
+from .session import FuseSession, fuse_patched
+from .status import cache_status, mount_status, source_status, status_line
+from .versions import Versions
 from .watch import watch_config
 
 log = logging.getLogger("aysfsd")
@@ -82,12 +86,6 @@ def set_low_speed(cfg: Config, grid: list[Source], stors: list[Source]) -> None:
                                            cfg.main.low_speed_time if seconds is None else seconds)
 
 
-def fuse_patched() -> bool:
-    """Whether pyfuse3 has aysfs's patch (packaging/pyfuse3/): READ and READDIR name the inode
-    when the kernel sends no handle, and symlinks may be cached (aysfsd.fuse.lib)."""
-    return fuselib.patched()
-
-
 class Daemon:
     def __init__(self, config_path: str, cfg: Config) -> None:
         self.config_path = config_path
@@ -98,6 +96,7 @@ class Daemon:
         grid, stors = _sources(cfg)
         self.fetcher = Fetcher(self.cache, grid, stors, timeout=cfg.main.fetch_timeout)
         self.ops = Operations(self.fetcher, self.cache)
+        self.versions = Versions(lambda: self.cfg, self.fetcher, self.cache)
         self.fuse_root = cfg.main.fuse_root
         self._stop = trio.Event()
         self._reload_lock = trio.Lock()
@@ -105,8 +104,6 @@ class Daemon:
         self._retry: dict[str, trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None
         self.started = time.time()
-        self._warned_unsigned: set[str] = set()
-        self._shared: dict[str, str] = {}  # ays id -> root of the ref last written to the grid caches
         self._read_ahead_set = False
         self._profile_scopes: dict[str, trio.CancelScope] = {}  # mount name -> its cold start's work
         # the session's superblock is read-only until a debug mount needs writes: the kernel then
@@ -124,133 +121,12 @@ class Daemon:
         # connection in systemd's fd store, "exec" re-execute this program with it
         self.handover_mode = ""
         self.exec_fds: dict[str, int] = {}  # after run(): what to pass to the re-executed program
-        self._adopted: Restored | None = None  # the state a previous process handed over
-        self._fuse_fd = -1
-        self._fuse_done = trio.Event()
+        self.session = FuseSession(self.ops, self.fuse_root)
         self.metrics = MetricsEndpoint(self.status_dict)
-
-    # -- refs ---------------------------------------------------------------------------------
-
-    def _trusted(self, mp: MountPoint) -> list[str]:
-        keys = mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys
-        return list(keys)
-
-    async def resolve(self, mp: MountPoint) -> Ref:
-        """The current ref of a mount's ays from the first stor that has a valid one; when no
-        stor answers, the newest validly signed one in the grid caches (only with trusted keys)
-        or else the last good one kept in the local cache. Bounded by `fetch_timeout` in all
-        (the grid caches get at least a second more): a slow or silent stor does not hold a
-        start or a reload longer; a stor that fails the request is marked down."""
-        ays_id = mp.cfg.id
-        problems: list[str] = []
-        reached = False  # some stor answered (with a ref or without one)
-        bound = max(1.0, self.cfg.main.fetch_timeout)
-        deadline = trio.current_time() + bound
-        asking: Source | None = None
-        ref: Ref | None = None
-        with trio.move_on_at(deadline):
-            for src in sorted(self.fetcher.stors, key=lambda s: s.is_down()):  # down ones last
-                try:
-                    asking = src
-                    raw = await src.store.fetch(ref_path(ays_id))
-                    asking = None
-                    reached = True
-                    if raw is None:
-                        problems.append(f"{src.name}: no ref")
-                        continue
-                    got = decode_ref(raw, ays_id)
-                    self._check_trust(mp, got)
-                except RefError as e:
-                    log.error("mount %s: refused the ref from %s: %s", mp.name, src.name, e,
-                              extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id, "SOURCE": src.name})
-                    problems.append(f"{src.name}: {e}")
-                    continue
-                except StoreError as e:
-                    asking = None
-                    src.mark_down(f"ref of {ays_id}: {describe(e)}")
-                    text = describe(e)
-                    problems.append(text if text.startswith(src.name) else f"{src.name}: {text}")
-                    continue
-                ref = got
-                break
-        if ref is not None:
-            await self._accept(mp, ref)
-            return ref
-        if asking is not None:
-            reason = f"no complete answer for the ref within fetch_timeout {bound:g}s"
-            asking.mark_down(reason)
-            problems.append(f"{asking.name}: {reason}")
-        last = self._last_good(ays_id)
-        trusted = self._trusted(mp)
-        if last is not None and trusted:
-            try:
-                verify(last, trusted)
-            except RefError as e:
-                problems.append(f"last good version: {e}")
-                last = None
-        if not reached and self.fetcher.grid:
-            if trusted:
-                gref, why = await gridrefs.newest(ays_id, self.fetcher.grid, trusted, last,
-                                                  max(1.0, deadline - trio.current_time()))
-                problems += why
-                if gref is not None and (last is None or gref.revision > last.revision):
-                    log.warning("mount %s: no stor answered for %s (%s); using revision %d (%s) from a grid "
-                                "cache, signed by a trusted key", mp.name, ays_id, "; ".join(problems),
-                                gref.revision, gref.root[:12], extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id})
-                    await self._accept(mp, gref, share=False)
-                    return gref
-            elif last is None:
-                problems.append(gridrefs.UNTRUSTED)
-        if last is not None:
-            if self.fetcher.stors:
-                log.warning("mount %s: no stor answered for %s (%s); using the last good version %s",
-                            mp.name, ays_id, "; ".join(problems), last.root[:12],
-                            extra={"AYSFS_MOUNT": mp.name, "AYS_ID": ays_id})
-            return last
-        raise LookupError("; ".join(problems) or "no stors configured")
-
-    async def _accept(self, mp: MountPoint, ref: Ref, share: bool = True) -> None:
-        """Keep an accepted ref as the last good one; a signed one (with trusted keys) also goes
-        to the writable grid caches, once per version and run, in the background."""
-        last = self._last_good(ref.ays)
-        if last is None or last.encode() != ref.encode():
-            await trio.to_thread.run_sync(self.cache.put_meta, f"ref:{ref.ays}", ref.encode())
-        if (share and ref.signed and self._trusted(mp) and mp.cfg.cache_grid and self.nursery is not None
-                and self._shared.get(ref.ays) != ref.root and any(s.writable for s in self.fetcher.grid)):
-            self._shared[ref.ays] = ref.root
-            self.nursery.start_soon(gridrefs.share, ref, list(self.fetcher.grid), max(1.0, self.cfg.main.fetch_timeout))
-
-    def _check_trust(self, mp: MountPoint, ref: Ref) -> None:
-        """Signature (when keys are configured) and rollback checks; RefError when refused."""
-        trusted = self._trusted(mp)
-        if trusted:
-            verify(ref, trusted)
-        elif mp.name not in self._warned_unsigned:
-            self._warned_unsigned.add(mp.name)
-            log.warning("mount %s: no trusted_keys configured: %s is authenticated only by its hashes, "
-                        "not by a signature", mp.name, mp.cfg.id, extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
-        last = self._last_good(mp.cfg.id)
-        if last is not None and (ref.revision < last.revision or
-                                 (ref.revision == last.revision and ref.root != last.root)):
-            raise RefError(f"rollback refused: revision {ref.revision} (root {ref.root[:12]}) is not newer than "
-                           f"the accepted revision {last.revision} (root {last.root[:12]})")
-
-    def _last_good(self, ays_id: str) -> Ref | None:
-        raw = self.cache.get_meta(f"ref:{ays_id}")
-        try:
-            return decode_ref(raw, ays_id) if raw else None
-        except RefError:
-            return None
-
-    def expiration(self) -> float:
-        """Seconds a resolved ref is trusted: the smallest non-zero `cache.expiration` (0: forever,
-        checked again only on reload)."""
-        vals = [s.expiration for s in self.cfg.stors if s.expiration > 0]
-        return float(min(vals)) if vals else math.inf
 
     async def refresh(self, mp: MountPoint) -> None:
         try:
-            ref = await self.resolve(mp)
+            ref = await self.versions.resolve(mp)
         except LookupError as e:
             log.warning("mount %s: cannot check for a new version: %s", mp.name, e,
                         extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
@@ -282,7 +158,7 @@ class Daemon:
 
     async def _bring_up(self, mp: MountPoint) -> None:
         try:
-            ref = await self.resolve(mp)
+            ref = await self.versions.resolve(mp)
         except LookupError as e:
             raise RuntimeError(f"no version of {mp.cfg.id!r} found: {e}") from None
         self._checked[mp.name] = time.monotonic()
@@ -302,7 +178,7 @@ class Daemon:
         # up before the bind returns: a reader that sees the mountpoint must not find the mount
         # "starting" in status or metrics (the bind's thread returns after the kernel shows it)
         mp.state, mp.error = "up", ""
-        if not (self._adopted and mp.name in self._adopted.mounts and sysmount.is_mounted(mp.cfg.mnt)):
+        if not (self.session.adopted and mp.name in self.session.adopted.mounts and sysmount.is_mounted(mp.cfg.mnt)):
             if sysmount.is_mounted(mp.cfg.mnt):
                 pid = sysmount.owner(mp.cfg.mnt)
                 if pid is not None:
@@ -319,9 +195,9 @@ class Daemon:
     async def adopt_mount(self, cfg: AysConfig) -> None:
         """A mount handed over by the previous process: it served on during the restart from the
         version it had; its ref is checked again, its bind mount stays."""
-        assert self._adopted is not None
+        assert self.session.adopted is not None
         mp = self.ops.mounts[cfg.name]
-        old = self._adopted.old_mnt.get(cfg.name, "")
+        old = self.session.adopted.old_mnt.get(cfg.name, "")
         if old and os.path.normpath(old) != os.path.normpath(cfg.mnt) and sysmount.is_mounted(old):
             await sysmount.unbind(old)  # the config moved it while we restarted
         try:
@@ -439,50 +315,18 @@ class Daemon:
         return st
 
     def status_dict(self) -> dict[str, object]:
-        c = self.cache.stats()
-        k = self.fetcher.counters
-        try:
-            fs_free, fs_size, min_free = self.cache.disk()
-        except OSError:
-            fs_free = fs_size = min_free = -1
-        mounts = []
-        for mp in sorted(self.ops.mounts.values(), key=lambda m: m.name):
-            pf = mp.prefetch
-            degraded = mp.degraded() if mp.state == "up" else ""
-            mounts.append({
-                "name": mp.name, "id": mp.cfg.id, "mnt": mp.cfg.mnt, "state": "degraded" if degraded else mp.state,
-                "error": mp.error or degraded,
-                "root": mp.ref.root if mp.ref else None, "revision": mp.ref.revision if mp.ref else None,
-                "debug": mp.cfg.debug, "hits": mp.hits, "misses": mp.misses, "bytes_read": mp.bytes_read,
-                "bytes_by_tier": dict(mp.bytes_by_tier), "blobs_by_tier": dict(mp.bytes_by_tier.blobs),
-                "eio": dict(mp.eio),
-                "prefetch": pf.public() if pf is not None else None,
-                "profile": mp.profile.public() if mp.profile is not None else None,
-                "watch": mp.watch.public() if mp.watch is not None else None,
-            })
+        """The snapshot `aysctl status` and the metrics show (see aysfsd.daemon.status)."""
         return {
             "daemon": {"pid": os.getpid(), "version": __version__, "uptime": round(time.time() - self.started, 3),
-                       "started": self.started, "resumed_session": self._adopted is not None,
+                       "started": self.started, "resumed_session": self.session.adopted is not None,
                        "config": self.config_path, "config_error": self.status.config_error,
                        "reloads": self.status.reloads, "reload_failures": self.status.reload_failures,
                        "internal_errors": fuseguard.unexpected_errors, "metrics": self.metrics.public(),
-                       "pyfuse3": fuselib.describe(), "no_open": self.ops.no_open, "fuse_mode": self.fuse_mode(),
+                       "pyfuse3": fuselib.describe(), "no_open": self.ops.no_open, "fuse_mode": self.session.mode(),
                        "status": self.status_line()},
-            "cache": {"dir": self.cache.path, "state": self.cache.state, "reason": self.cache.state_reason,
-                      "fs_free": fs_free, "fs_size": fs_size, "min_free": min_free,
-                      "entries": c.entries, "bytes": c.bytes, "limit": c.limit,
-                      "hits": k.hits, "misses": k.misses, "memory_hits": k.memory_hits,
-                      "evicted_blobs": c.evicted_blobs, "evicted_bytes": c.evicted_bytes,
-                      "skipped_blobs": self.cache.skipped_blobs, "writebacks": k.writebacks,
-                      "writeback_errors": k.writeback_errors, "writebacks_skipped": k.writebacks_skipped,
-                      "packs": k.packs, "pack_members": k.pack_members,
-                      "tree_packs": k.tree_packs},
-            "sources": [{"url": s.name, "tier": s.tier, "down": s.is_down(), "failures": s.failures,
-                         "fetched_blobs": s.fetched_blobs, "fetched_bytes": s.fetched_bytes, "corrupt": s.corrupt,
-                         "requests": s.requests, "request_errors": s.request_errors, "not_found": s.not_found,
-                         "latency": s.latency.public()}
-                        for s in self.fetcher.grid + self.fetcher.stors],
-            "mounts": mounts,
+            "cache": cache_status(self.cache, self.fetcher.counters),
+            "sources": [source_status(s) for s in self.fetcher.grid + self.fetcher.stors],
+            "mounts": [mount_status(mp) for mp in sorted(self.ops.mounts.values(), key=lambda m: m.name)],
         }
 
     async def purge_mount(self, mp: MountPoint) -> tuple[int, int]:
@@ -550,7 +394,7 @@ class Daemon:
         if old is not None:
             old.cancel()
         scope = self._profile_scopes[mp.name] = trio.CancelScope()
-        trusted = list(mp.cfg.trusted_keys if mp.cfg.trusted_keys is not None else self.cfg.main.trusted_keys)
+        trusted = self.versions.trusted(mp)
 
         async def job() -> None:
             with scope:
@@ -591,20 +435,7 @@ class Daemon:
                                                      grid=mp.cfg.prefetch_grid))
 
     def status_line(self) -> str:
-        mounts = list(self.ops.mounts.values())
-        up = sum(m.state == "up" for m in mounts)
-        s = f"{up}/{len(mounts)} mounts up"
-        bad = [f"{m.name}: {m.error}" for m in mounts if m.state == "error"]
-        if bad:
-            s += "; errors: " + "; ".join(bad)
-        degraded = [f"{m.name}: {m.degraded()}" for m in mounts if m.state == "up" and m.unreadable]
-        if degraded:
-            s += "; degraded: " + "; ".join(degraded)
-        if self.status.config_error:
-            s += "; config error (running the previous config)"
-        if self.metrics.error:
-            s += f"; {self.metrics.error}"
-        return s[:400]
+        return status_line(list(self.ops.mounts.values()), self.status.config_error, self.metrics.error)
 
     # -- main loop ----------------------------------------------------------------------------
 
@@ -634,7 +465,7 @@ class Daemon:
     async def _expiry_loop(self) -> None:
         while True:
             await trio.sleep(1.0)
-            exp = self.expiration()
+            exp = self.versions.expiration()
             if math.isinf(exp):
                 continue
             now = time.monotonic()
@@ -660,128 +491,33 @@ class Daemon:
             await trio.sleep(5.0)
             await trio.to_thread.run_sync(self.cache.flush)
 
-    async def _fuse_main(self) -> None:
-        try:
-            await pyfuse3.main(min_tasks=4, max_tasks=64)
-        finally:
-            self._fuse_done.set()
-
-    def _resumable(self, fds: dict[str, int]) -> handover.Resume | None:
-        """A session handed over by the previous process, when its descriptor and mounts are there."""
-        fuse_fd = fds.get(handover.FUSE_FDNAME)
-        if fuse_fd is None:
-            return None
-        why = ""
-        state_fd = fds.get(handover.STATE_FDNAME)
-        if not handover.is_fuse_device(fuse_fd):
-            why = "the descriptor handed over is not /dev/fuse"
-        elif not sysmount.is_mounted(self.fuse_root):
-            why = f"{self.fuse_root} is no longer mounted (the connection ended)"
-        elif (state_fd is not None and recorded_no_open(StateJournal(state_fd).lines())
-              and not fuse_patched()):
-            # the kernel keeps the mode for the connection's life: it sends READs with handle 0,
-            # which a stock pyfuse3 cannot map to a file. Readers of the old session get ENOTCONN
-            # once its descriptors are closed (as after a crash without them), never wrong bytes.
-            why = ("it runs in the kernel's no_open mode, which this pyfuse3 cannot serve "
-                   f"({fuselib.summary(fuselib.describe())})")
-        if why:
-            log.warning("cannot resume the FUSE session: %s; mounting a new one", why)
-            os.close(fuse_fd)
-            return None
-        return handover.Resume(fuse_fd)
-
-    def _start_session(self, options: set[str]) -> None:
-        """Mount a new FUSE session, or resume the one the previous process handed over."""
-        fds = handover.received_fds()
-        resume = self._resumable(fds)
-        state_fd = fds.get(handover.STATE_FDNAME)
-        if resume is None and state_fd is not None:
-            os.close(state_fd)
-            state_fd = None
-        journal = StateJournal(state_fd)
-        if resume is not None:
-            self._adopted = restore(journal.lines(), self.cfg.ays, self.ops.cached_entries)
-            self.ops.adopt(self._adopted)
-            log.info("resuming the FUSE session of the previous process: %d mounts, %d inodes, %d open files "
-                     "(%d records skipped)", len(self._adopted.mounts), len(self._adopted.nodes),
-                     len(self._adopted.open_files), self._adopted.skipped)
-            for mnt in self._adopted.gone.values():
-                if mnt and sysmount.is_mounted(mnt):
-                    sysmount.cleanup_stale([mnt])  # removed from the config while we restarted
-            journal.snapshot(self.ops.snapshot())
-        else:
-            sysmount.cleanup_stale([self.fuse_root] + [a.mnt for a in self.cfg.ays])
-            os.makedirs(self.fuse_root, mode=0o755, exist_ok=True)
-        self.ops.journal = journal
-        journal.compact = self.ops.snapshot
-        if resume is None:
-            journal.session(self.ops.no_open)  # a resumed session keeps its mode (see Operations.adopt)
-        if resume is not None:
-            self.ops.on_init = resume.finish
-            pyfuse3.init(self.ops, resume.mountpoint(), options)
-            resume.start()
-            self._fuse_fd = resume.fuse_fd
-        else:
-            pyfuse3.init(self.ops, self.fuse_root, options)
-            self._fuse_fd = handover.session_fd()
-        if handover.fd_store_available():
-            handover.store(handover.FUSE_FDNAME, self._fuse_fd)
-            handover.store(handover.STATE_FDNAME, journal.fd)
-
-    async def _hand_over(self) -> None:
-        """Stop reading requests, answer those already read, write the state for the next process."""
-        notify.notify("STOPPING=1", "STATUS=handing the mounts over to the next process")
-        pyfuse3.terminate()
-        with trio.move_on_after(max(5.0, self.cfg.main.fetch_timeout + 2)) as scope:
-            await self._fuse_done.wait()
-        if scope.cancelled_caught:
-            log.warning("requests still running after %.0fs: the next process gets them again",
-                        scope.deadline - trio.current_time())
-        await self.ops.save_pending_writes()  # debug mode: keep what was written so far
-        journal = self.ops.journal
-        assert isinstance(journal, StateJournal)
-        journal.snapshot(self.ops.snapshot())
-        if self.handover_mode == "exec":
-            self.exec_fds = {handover.FUSE_FDNAME: os.dup(self._fuse_fd), handover.STATE_FDNAME: os.dup(journal.fd)}
-        log.info("handed over: %d inodes, %d open files", len(self.ops.nodes), len(self.ops.open_files))
-
-    def fuse_mode(self) -> str:
-        """The kernel mode the FUSE session runs in, and why (log, `aysctl status`)."""
-        if self.ops.no_open:
-            return "no_open (kernel caches pages and listings: no OPEN/RELEASE/READDIR per file)"
-        if self._adopted is not None and self._adopted.no_open is not None:
-            return "open/release per file (the session resumed was started so)"
-        if fuse_patched():
-            return "open/release per file (a debug mount at start)"
-        return "open/release per file (pyfuse3 without aysfs's patch: every open and listing is a request)"
-
     async def run(self) -> None:
         options = set(pyfuse3.default_options)
         options |= {"fsname=" + sysmount.FSNAME, "subtype=aysfs", "allow_other", "default_permissions"}
         if self._session_ro:
             options.add("ro")
-        self._start_session(options)
+        self.session.start(options, self.cfg.ays)
         if interrupts.available():
             intr = "requests of killed callers given up (EINTR)"
         else:
             intr = "pyfuse3 without aysfs's interrupt patch: a killed caller's request runs to its end"
         log.info("FUSE session at %s, %s; %s; interrupts: %s", self.fuse_root, fuselib.summary(fuselib.describe()),
-                 self.fuse_mode(), intr)
+                 self.session.mode(), intr)
         try:
             async with trio.open_nursery() as n:
-                self.nursery = n
+                self.nursery = self.versions.nursery = n
                 self.fetcher.nursery = n
-                n.start_soon(self._fuse_main)
+                n.start_soon(self.session.serve)
                 if interrupts.available():
                     n.start_soon(self.ops.callers.run)
-                if self._adopted is not None:
-                    handover.ask_resend(self._fuse_fd)  # what a killed process had read, unanswered
+                if self.session.adopted is not None:
+                    handover.ask_resend(self.session.fd)  # what a killed process had read, unanswered
                 n.start_soon(self._signals)
                 await n.start(ControlServer(self, self.cfg.main.control_socket).serve)
                 await self.metrics.configure(self.cfg.main.metrics_listen)
                 async with trio.open_nursery() as starting:  # concurrently: READY does not wait on each in turn
                     for a in self.cfg.ays:
-                        if self._adopted is not None and a.name in self._adopted.mounts:
+                        if self.session.adopted is not None and a.name in self.session.adopted.mounts:
                             starting.start_soon(self.adopt_mount, a)
                         else:
                             starting.start_soon(self.start_mount, a)
@@ -796,7 +532,8 @@ class Daemon:
                 log.info("ready: %s", self.status_line())
                 await self._stop.wait()
                 if self.handover_mode:
-                    await self._hand_over()
+                    self.exec_fds = await self.session.hand_over(max(5.0, self.cfg.main.fetch_timeout + 2),
+                                                                 exec_fds=self.handover_mode == "exec")
                 else:
                     notify.notify("STOPPING=1")
                     for name in list(self.ops.mounts):
@@ -805,16 +542,7 @@ class Daemon:
                     await self.fetcher.drain()  # queued grid write-backs: no temp files left behind
                 n.cancel_scope.cancel()
         finally:
-            try:
-                pyfuse3.close(unmount=not self.handover_mode)
-            except Exception as e:
-                log.error("closing the FUSE session: %s", e)
-            if not self.handover_mode:
-                if self._adopted is not None:
-                    sysmount.unmount_session(self.fuse_root)
-                sysmount.cleanup_stale([self.fuse_root])
-                if handover.fd_store_available():
-                    handover.forget_stored()
+            self.session.close(handing_over=bool(self.handover_mode))
             with trio.CancelScope(shield=True):
                 await self.metrics.close()
             for s in self.fetcher.grid + self.fetcher.stors:
