@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
 from .base import LowSpeed, Progress, StoreError, StoreTimeout, check_rel, describe, within_low_speed
+from .httpget import GetPool, Unusual, pool_for
 
 
 def _client_kwargs(timeout: float, proxy: str | None) -> dict[str, object]:
@@ -55,6 +56,9 @@ class HttpStore:
         self._kw = _client_kwargs(timeout, proxy)
         self._sync: httpx.Client | None = None
         self._async: httpx.AsyncClient | None = None
+        # blob GETs of a plain http:// stor without a proxy: the lean client (see .httpget)
+        self._gets: GetPool | None = None if proxy else pool_for(self.url, timeout, min(timeout, 5.0))
+        self._path = urlsplit(self.url).path
 
     def _u(self, rel: str) -> str:
         # file names hold '%' (escaped ays ids): encode it, so the server maps the URL to that name
@@ -120,8 +124,14 @@ class HttpStore:
 
     async def fetch(self, rel: str) -> bytes | None:
         """The body, received under the low-speed limit (each read is bounded by `timeout`)."""
-        return await within_low_speed(self.low_speed, f"{self.url}: GET {rel}",
-                                      lambda p: self._get_streamed(rel, p))
+        where = f"{self.url}: GET {rel}"
+        if self._gets is not None:
+            try:  # (the lean client checks the low-speed limit itself)
+                return await self._gets.get(f"{self._path}/{quote(check_rel(rel), safe='/')}", Progress(), where,
+                                            self.low_speed)
+            except Unusual:
+                pass  # a redirect, a chunked body...: httpx handles all of HTTP
+        return await within_low_speed(self.low_speed, where, lambda p: self._get_streamed(rel, p))
 
     async def _get_streamed(self, rel: str, p: Progress) -> bytes | None:
         try:
@@ -152,6 +162,8 @@ class HttpStore:
             raise _http_error(f"{self.url}: HEAD {rel}", e) from e
 
     async def aclose(self) -> None:
+        if self._gets is not None:
+            self._gets.close()
         if self._async is not None:
             await self._async.aclose()
             self._async = None
