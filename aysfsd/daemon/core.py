@@ -501,8 +501,10 @@ class Daemon:
             intr = "requests of killed callers given up (EINTR)"
         else:
             intr = "pyfuse3 without aysfs's interrupt patch: a killed caller's request runs to its end"
-        log.info("FUSE session at %s, %s; %s; interrupts: %s", self.fuse_root, fuselib.summary(fuselib.describe()),
-                 self.session.mode(), intr)
+        loop = ("aysfs's (a request answered at once costs no task switch)" if fuselib.fast_loop()
+                else "pyfuse3's (a lock hand-off and a wait per request)")
+        log.info("FUSE session at %s, %s; %s; interrupts: %s; request loop: %s", self.fuse_root,
+                 fuselib.summary(fuselib.describe()), self.session.mode(), intr, loop)
         try:
             async with trio.open_nursery() as n:
                 self.nursery = self.versions.nursery = n

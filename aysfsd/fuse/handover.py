@@ -167,9 +167,22 @@ class Resume:
         except RuntimeError:
             pass  # not under trio (tests of this module)
         os.dup2(self.fuse_fd, fd, inheritable=False)
+        if not _loop_sets_nonblocking():
+            # a predecessor with loop.patch left the device's (shared) open file non-blocking;
+            # the stock loop reads after readiness and takes an EAGAIN (a request withdrawn
+            # in between) for a fatal error
+            os.set_blocking(fd, True)
         self._libfuse.detach()  # the number now belongs to the device, libfuse keeps it
         self._ours.close()
         self.done = True
+
+
+def _loop_sets_nonblocking() -> bool:
+    try:
+        import pyfuse3
+    except ImportError:  # tests of this module without pyfuse3
+        return False
+    return getattr(pyfuse3, "AYSFS_LOOP", 0) >= 1
 
 
 def ask_resend(fuse_fd: int) -> bool:

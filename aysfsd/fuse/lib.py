@@ -57,13 +57,21 @@ def patched() -> bool:
     return has_patch() and not os.environ.get(IGNORE_PATCH_ENV)
 
 
+def fast_loop() -> bool:
+    """The loaded pyfuse3 has aysfs's loop patch (`pyfuse3.AYSFS_LOOP`): a request answered
+    without waiting costs no task switch, lock hand-off or epoll_ctl (packaging/pyfuse3/)."""
+    import pyfuse3
+
+    return getattr(pyfuse3, "AYSFS_LOOP", 0) >= 1
+
+
 def describe() -> dict[str, object]:
     """The pyfuse3 in use, for the log and `aysctl status` (daemon.pyfuse3)."""
     import pyfuse3
 
     path = getattr(pyfuse3, "__file__", None) or ""
     return {"version": getattr(pyfuse3, "__version__", "?"), "path": os.path.dirname(path),
-            "patched": patched(), "patch_ignored": has_patch() and not patched(), "fallback": _fallback}
+            "patched": patched(), "loop": fast_loop(), "patch_ignored": has_patch() and not patched(), "fallback": _fallback}
 
 
 def summary(info: dict[str, object]) -> str:

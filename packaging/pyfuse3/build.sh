@@ -3,13 +3,14 @@
 #   packaging/pyfuse3/build.sh PYTHON [pip install options...]
 # e.g. build.sh .venv/bin/python                       (into that venv)
 #      build.sh /usr/bin/python3 --target DIR          (a private copy, as the .deb does)
-# The sdist is checked against its SHA-256; Cython and setuptools come from PyPI (build isolation).
+# PYFUSE3_SDIST=path: that sdist instead of pip's download. The sdist is checked against its SHA-256; Cython and setuptools come from PyPI (build isolation).
 set -euo pipefail
 PY=$(command -v "${1:?usage: build.sh PYTHON [pip install options...]}")
 PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
 shift
 VERSION=3.5.0
-PATCHES="no-open.patch interrupt.patch readdir.patch"  # applied in this order
+PATCHES=${PYFUSE3_PATCHES:-"no-open.patch interrupt.patch readdir.patch loop.patch"}  # applied in this order
+# (PYFUSE3_PATCHES: another list, e.g. to A/B one patch; the default is what aysfs ships)
 SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 HERE=$(cd "$(dirname "$0")" && pwd)
 WORK=$(mktemp -d)
