@@ -131,6 +131,20 @@ class Daemon:
         self.stop()
 
 
+def fuse_fd_flags(pid: int) -> int:
+    """The file status flags (O_NONBLOCK...) of a process's /dev/fuse descriptor."""
+    for n in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{n}") != "/dev/fuse":
+                continue
+            for line in Path(f"/proc/{pid}/fdinfo/{n}").read_text().splitlines():
+                if line.startswith("flags:"):
+                    return int(line.split()[1], 8)
+        except OSError:
+            continue
+    raise AssertionError(f"no /dev/fuse descriptor in process {pid}")
+
+
 def force_unmount_under(path: Path) -> None:
     """Leave no mount behind below `path`, whatever a test did."""
     p = str(path)

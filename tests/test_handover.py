@@ -18,7 +18,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from tests.harness import BIN, Daemon, aysctl, basic_config, mounted, sample_tree, wait_for
+from aysfsd.fuse import lib as fuselib
+from tests.harness import BIN, Daemon, aysctl, basic_config, fuse_fd_flags, mounted, sample_tree, wait_for
 from tests.servers import Nginx
 
 AYS = "jumpscale|handover!main"
@@ -206,6 +207,8 @@ def test_aysctl_restart_keeps_mounts_open_files_and_inodes(work: Path, nginx_sto
         assert ok > 10
         assert d.proc is not None and d.proc.poll() is None and d.proc.pid == pid
         assert mounted(mnt)
+        # loop.patch: the resumed session's device was made non-blocking again after its INIT
+        assert bool(fuse_fd_flags(pid) & os.O_NONBLOCK) is fuselib.fast_loop()
         held.check()
         log = d.log()
         assert "removed stale mount" not in log
