@@ -3,7 +3,8 @@
 #   packaging/pyfuse3/build.sh PYTHON [pip install options...]
 # e.g. build.sh .venv/bin/python                       (into that venv)
 #      build.sh /usr/bin/python3 --target DIR          (a private copy, as the .deb does)
-# PYFUSE3_SDIST=path: that sdist instead of pip's download. The sdist is checked against its SHA-256; Cython and setuptools come from PyPI (build isolation).
+# PYFUSE3_SDIST=path: that sdist instead of pip's download. The sdist is checked against its
+# SHA-256; Cython and setuptools come from PyPI (build isolation).
 set -euo pipefail
 PY=$(command -v "${1:?usage: build.sh PYTHON [pip install options...]}")
 PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
