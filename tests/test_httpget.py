@@ -140,6 +140,35 @@ def test_blobs_over_one_kept_alive_connection_from_nginx(logged_nginx: Nginx) ->
     assert len([r for r in nginx_stor.requests() if r.startswith("/blobs/")]) == len(blobs) + 1
 
 
+def test_concurrent_gets_keep_their_connections_for_the_next_burst(logged_nginx: Nginx) -> None:
+    blobs = blobs_of(40, 100_000)
+    for h, b in blobs.items():
+        p = logged_nginx.root / blob_path(h)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b)
+    store = HttpStore(logged_nginx.url, timeout=5)
+    got: dict[str, bytes | None] = {}
+
+    async def one(h: str) -> None:
+        got[h] = await store.fetch(blob_path(h))
+
+    async def main() -> None:
+        try:
+            for _ in range(2):  # two bursts of 40 GETs, 32 at a time
+                async with trio.open_nursery() as n:
+                    for h in blobs:
+                        n.start_soon(one, h)
+                assert got == blobs
+                got.clear()
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+    assert store._gets is not None
+    # every connection the first burst opened is kept for the second (each costs a round trip)
+    assert store._gets.connections <= 32
+
+
 @pytest.mark.parametrize("mode", ["chunked", "redirect"])
 def test_answers_it_does_not_handle_go_to_httpx(mode: str, logged_nginx: Nginx) -> None:
     nginx_stor = logged_nginx

@@ -46,7 +46,7 @@ class GetPool:
     """HTTP/1.1 GETs to one server (host, port), at most `max_connections` at once."""
 
     def __init__(self, host: str, port: int, host_header: str, timeout: float, connect_timeout: float,
-                 max_connections: int = 32, max_idle: int = 16) -> None:
+                 max_connections: int = 32, max_idle: int = 32) -> None:
         self.host = host
         self.port = port
         self.host_header = host_header
