@@ -32,7 +32,8 @@ class RawServer:
     """A loopback HTTP server written on raw sockets, answering GET /blobs/.. for `blobs`
     (hash -> bytes) as `mode` says: "close" (a right answer, then the connection is closed
     without a Connection: close header), "chunked" (Transfer-Encoding: chunked, kept alive),
-    "redirect" (301 to `target` + path), "short" (Content-Length, then half the body and close).
+    "redirect" (301 to `target` + path), "short" (Content-Length, then half the body and close),
+    "huge" (a Content-Length of 1 TiB, then the body and close).
     Counts connections and requests."""
 
     def __init__(self, blobs: dict[str, bytes], mode: str, target: str = "") -> None:
@@ -94,8 +95,9 @@ class RawServer:
                                  + b"0\r\n\r\n")
                 else:
                     sent = body[:len(body) // 2] if self.mode == "short" else body
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + sent)
-                    if self.mode in ("close", "short"):
+                    length = 1 << 40 if self.mode == "huge" else len(body)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length + sent)
+                    if self.mode in ("close", "short", "huge"):
                         return
 
 
@@ -204,6 +206,19 @@ def test_a_truncated_body_is_an_error_not_short_bytes() -> None:
     try:
         with pytest.raises(StoreError, match=r"closed by the server after 100000 of the body's 200000 bytes"):
             fetch_all(HttpStore(srv.url, timeout=5), list(blobs))
+    finally:
+        srv.close()
+
+
+def test_a_huge_content_length_is_not_allocated_up_front() -> None:
+    """A body longer than MAX_BODY (here a lying header: 1 TiB, then 200 KB and close) is not
+    allocated from the header's word: httpx takes it, streamed, and fails on the short body."""
+    blobs = blobs_of(1)
+    srv = RawServer(blobs, "huge")
+    try:
+        with pytest.raises(StoreError):
+            fetch_all(HttpStore(srv.url, timeout=5), list(blobs))
+        assert srv.requests == 2  # the lean client's, then httpx's
     finally:
         srv.close()
 

@@ -9,7 +9,8 @@ body. This client reads the body straight into one buffer (`recv_into`), so per 
 costs a send, the header parse and a few `recv_into` calls.
 
 Only the common case is handled: `http://` without credentials or a proxy (HttpStore decides),
-a 200 or 404 answer with a Content-Length and no content or transfer encoding. Anything else
+a 200 or 404 answer with a Content-Length (up to MAX_BODY) and no content or transfer
+encoding. Anything else
 (a redirect, a chunked or compressed body, another status) raises `Unusual` before a byte of
 the body is read: the caller asks again through httpx, which handles all of HTTP.
 
@@ -32,6 +33,8 @@ from .base import LowSpeed, Progress, StoreError, StoreSlow, StoreTimeout, descr
 
 HEAD_MAX = 64 * 1024  # a response's status line and headers, at most
 RECV = 256 * 1024  # largest single read of a body (into the body's own buffer)
+MAX_BODY = 64 << 20  # a longer body (a huge directory object, or a hostile Content-Length) goes to httpx,
+# streamed as it arrives: this client allocates the whole body up front, from the header's word
 
 
 class Unusual(Exception):
@@ -206,6 +209,8 @@ def _parse_head(head: bytes) -> tuple[int, int, bool]:
             keep = b"keep-alive" in tokens if parts[0] == b"HTTP/1.0" else b"close" not in tokens
     if length < 0:
         raise Unusual("no Content-Length")
+    if length > MAX_BODY:
+        raise Unusual(f"Content-Length {length} over {MAX_BODY}")
     return status, length, keep
 
 
