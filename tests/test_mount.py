@@ -277,3 +277,33 @@ def test_small_siblings_fetched_together(work: Path, published: tuple[Path, Ngin
         nginx.stop()
         for n in names:  # every sibling reads with the stor gone: fetched with the first
             assert (mnt / "lib" / "email" / n).read_bytes() == (src / "lib" / "email" / n).read_bytes()
+
+
+def test_a_stop_right_after_reads_keeps_every_fetched_blob(work: Path, nginx_stor: Nginx) -> None:
+    """What readers fetched is in the local cache after a stop, however soon the stop comes: the
+    local write queue is written before the daemon exits (it used to be cancelled with the
+    daemon's tasks, and the next start, with the stor down, answered EIO for the lost blobs)."""
+    src = work / "src"
+    (src / "small").mkdir(parents=True)
+    rnd = random.Random(19)
+    for i in range(64):
+        (src / f"f{i:02}.bin").write_bytes(rnd.randbytes(1 << 20))  # one blob each (not packed)
+    for i in range(300):
+        (src / "small" / f"s{i:03}.txt").write_bytes(rnd.randbytes(2000))  # packs
+    publish(src, nginx_stor.url)
+    want = tree_listing(src)
+    mnt = work / "m"
+    cfg = work / "d.toml"
+    cfg.write_text(basic_config(work / "st", [nginx_stor.url], {AYS: str(mnt)}))
+    d = Daemon(cfg, work / "d1.log").start(wait_mounts=[mnt])
+    try:
+        procs = [subprocess.Popen(["cat", *sorted(str(p) for p in (mnt / "small").iterdir())],
+                                  stdout=subprocess.DEVNULL)]
+        procs += [subprocess.Popen(["cat", str(mnt / f"f{i:02}.bin")], stdout=subprocess.DEVNULL)
+                  for i in range(64)]
+        assert [p.wait(60) for p in procs] == [0] * len(procs)
+    finally:
+        assert d.stop() == 0  # at once, right after the last read
+    nginx_stor.stop()
+    with Daemon(cfg, work / "d2.log").start(wait_mounts=[mnt]):
+        assert tree_listing(mnt) == want  # every byte from the local cache

@@ -54,6 +54,7 @@ log = logging.getLogger("aysfsd")
 
 RETRY_SECONDS = 5.0
 READ_AHEAD_KB = 4096  # one chunk: sequential reads come in large requests
+LOCAL_FLUSH_SECONDS = 10.0  # at a stop, the local cache's write queue is written for this long at most
 
 
 @dataclass
@@ -540,6 +541,13 @@ class Daemon:
                     notify.notify("STOPPING=1")
                     for name in list(self.ops.mounts):
                         await self.stop_mount(name, shutdown=True)
+                # what was fetched stays: the blobs still queued for the local cache are written
+                # before the writer is cancelled (the next start may find the stors down)
+                with trio.move_on_after(LOCAL_FLUSH_SECONDS) as flushing:
+                    await self.fetcher.flushed()
+                if flushing.cancelled_caught:
+                    log.warning("stopping with blobs still queued for the local cache after %ss: they are "
+                                "fetched again when next read", LOCAL_FLUSH_SECONDS)
                 with trio.move_on_after(2):
                     await self.fetcher.drain()  # queued grid write-backs: no temp files left behind
                 n.cancel_scope.cancel()

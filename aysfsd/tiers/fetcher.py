@@ -284,3 +284,8 @@ class Fetcher:
     async def drain(self) -> None:
         """Wait until no write-back is queued (tests, shutdown)."""
         await self.keeper.drain()
+
+    async def flushed(self) -> None:
+        """Wait until every blob queued for the local cache is written (shutdown: drain() waits
+        only for the grid write-backs)."""
+        await self.keeper.flushed()
