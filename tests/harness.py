@@ -305,3 +305,16 @@ def stor_roots(stor: Path) -> set[str]:
     import json
 
     return {json.loads(p.read_bytes())["root"] for p in (stor / "refs").glob("*")}
+
+
+def wait_blocked(p: subprocess.Popen[bytes]) -> None:
+    """Until `p` waits in the kernel on a FUSE request (or a page it reads ahead)."""
+    def blocked() -> bool:
+        assert p.poll() is None, f"the reader ended early ({p.returncode})"
+        try:
+            wchan = Path(f"/proc/{p.pid}/wchan").read_text()
+        except OSError:
+            return False
+        return "request_wait_answer" in wchan or "folio_wait" in wchan or "wait_on_page" in wchan
+
+    wait_for(blocked, 10, "the reader to block on the FUSE mount")

@@ -22,7 +22,7 @@ import pytest
 from aysfsd.fuse import lib as fuselib
 from aysfsd.stores.layout import blob_path
 from aysfsd.tree.packs import tree_path
-from tests.harness import Daemon, aysctl, basic_config, ctl, fuse_fd_flags, wait_for
+from tests.harness import Daemon, aysctl, basic_config, ctl, fuse_fd_flags, wait_blocked, wait_for
 from tests.servers import BadStor
 
 AYS = "jumpscale|loop!main"
@@ -128,19 +128,6 @@ def test_cached_requests_answered_while_handlers_wait(setup: Setup, work: Path) 
     st = ctl(work / "d" / "aysfsd.sock", {"cmd": "status"})[-1]
     assert st["daemon"]["pyfuse3"]["loop"] is fuselib.fast_loop()
     assert "Traceback" not in s.daemon.log()
-
-
-def wait_blocked(p: subprocess.Popen[bytes]) -> None:
-    """Until `p` waits in the kernel on a FUSE request (or a page it reads ahead)."""
-    def blocked() -> bool:
-        assert p.poll() is None, f"the reader ended early ({p.returncode})"
-        try:
-            wchan = Path(f"/proc/{p.pid}/wchan").read_text()
-        except OSError:
-            return False
-        return "request_wait_answer" in wchan or "folio_wait" in wchan or "wait_on_page" in wchan
-
-    wait_for(blocked, 10, "the reader to block on the FUSE mount")
 
 
 def content_of(src: Path, i: int) -> bytes:

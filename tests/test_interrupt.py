@@ -22,7 +22,7 @@ import pytest
 from aysfsd.fuse import interrupts
 from aysfsd.stores.layout import blob_path
 from aysfsd.tree.packs import tree_path
-from tests.harness import Daemon, aysctl, basic_config, ctl, wait_for
+from tests.harness import Daemon, aysctl, basic_config, ctl, wait_blocked, wait_for
 from tests.servers import BadStor
 
 AYS = "jumpscale|intr!main"
@@ -75,19 +75,6 @@ def silent(work: Path) -> Iterator[Setup]:
 def chunk_path(src: Path, i: int) -> str:
     data = (src / "big.bin").read_bytes()[i * CHUNK:(i + 1) * CHUNK]
     return blob_path(hashlib.sha256(data).hexdigest())
-
-
-def wait_blocked(p: subprocess.Popen[bytes]) -> None:
-    """Until `p` waits in the kernel on the FUSE request (or a page it reads ahead)."""
-    def blocked() -> bool:
-        assert p.poll() is None, f"the reader ended early ({p.returncode})"
-        try:
-            wchan = Path(f"/proc/{p.pid}/wchan").read_text()
-        except OSError:
-            return False
-        return "request_wait_answer" in wchan or "folio_wait" in wchan or "wait_on_page" in wchan
-
-    wait_for(blocked, 10, "the reader to block on the FUSE mount")
 
 
 def status_within_a_second(s: Setup) -> dict:
