@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import trio
 
 from aysfsd.stores import DirStore, StoreError, StoreTimeout
 from aysfsd.stores.layout import blob_path
-from aysfsd.tiers import Fetcher, FetchError, Source, sources
+from aysfsd.tiers import Fetcher, FetchError, Source, keep, sources
 from aysfsd.tiers.local import LocalCache
 
 
@@ -321,6 +321,44 @@ def test_background_write_back_in_a_nursery(tmp_path: Path, cache: LocalCache) -
     trio.run(main)
     assert all(g.path(h).read_bytes() == d for h, d in zip(hs, blobs, strict=True))
     assert f.counters.writebacks == 8 and f.keeper.writeback_pending == 0
+
+
+class SlowDiskCache(LocalCache):
+    """The real LMDB cache on a disk that commits slowly (a busy or network disk)."""
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
+        time.sleep(0.05)
+        return super().put_many(items)
+
+
+def test_local_write_queue_is_bounded_when_the_disk_is_slower_than_the_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keep, "LOCAL_QUEUE_BUDGET", 1 << 20)
+    cache = SlowDiskCache(str(tmp_path / "lmdb"), 64 << 20)
+    stor = CountingStore(tmp_path / "stor")
+    blobs = [payload(300 + i, 200_000) for i in range(40)]
+    hs = [stor.put(d) for d in blobs]
+    f = make(cache, [], [stor])
+    most = 0
+
+    async def main() -> None:
+        nonlocal most
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            for h, d in zip(hs, blobs, strict=True):
+                assert await f.get(h) == d
+                most = max(most, f.keeper.local_queue()[1])
+            with trio.fail_after(10):
+                await f.flushed()
+
+    try:
+        trio.run(main)
+        assert f.keeper.local_queue() == (0, 0)
+        # the queue filled to its budget, then readers wrote their own blobs (back-pressure)
+        assert (1 << 20) <= most < (1 << 20) + 200_000
+        assert all(cache.get(h) == d for h, d in zip(hs, blobs, strict=True))
+    finally:
+        cache.close()
 
 
 # -- packs ------------------------------------------------------------------------------------------

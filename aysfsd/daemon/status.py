@@ -25,7 +25,8 @@ def mount_status(mp: MountPoint) -> dict[str, object]:
     }
 
 
-def cache_status(cache: LocalCache, k: Counters) -> dict[str, object]:
+def cache_status(cache: LocalCache, k: Counters, queue: tuple[int, int]) -> dict[str, object]:
+    """`queue`: (blobs, bytes) fetched and still waiting for their LMDB write."""
     c = cache.stats()
     try:
         fs_free, fs_size, min_free = cache.disk()
@@ -39,7 +40,7 @@ def cache_status(cache: LocalCache, k: Counters) -> dict[str, object]:
             "skipped_blobs": cache.skipped_blobs, "writebacks": k.writebacks,
             "writeback_errors": k.writeback_errors, "writebacks_skipped": k.writebacks_skipped,
             "packs": k.packs, "pack_members": k.pack_members,
-            "tree_packs": k.tree_packs}
+            "tree_packs": k.tree_packs, "queued_blobs": queue[0], "queued_bytes": queue[1]}
 
 
 def source_status(s: Source) -> dict[str, object]:

@@ -38,6 +38,8 @@ def families(st: Snapshot) -> Iterator[Metric]:
     yield GaugeMetricFamily("aysfs_cache_bytes", "bytes of blobs in the local cache", value=c["bytes"])
     yield GaugeMetricFamily("aysfs_cache_limit_bytes", "the local cache's bound (cache_size)", value=c["limit"])
     yield GaugeMetricFamily("aysfs_cache_entries", "blobs in the local cache", value=c["entries"])
+    yield GaugeMetricFamily("aysfs_cache_queued_bytes", "bytes fetched and waiting for their local cache write",
+                            value=c.get("queued_bytes", 0))
     yield CounterMetricFamily("aysfs_cache_evicted_blobs", "blobs evicted from the local cache",
                               value=c["evicted_blobs"])
     yield CounterMetricFamily("aysfs_cache_evicted_bytes", "bytes evicted from the local cache",

@@ -22,6 +22,7 @@ from .sources import Source
 log = logging.getLogger("aysfsd.fetch")
 
 LOCAL_BATCH = 64  # blobs per LMDB write transaction when storing in the background
+LOCAL_QUEUE_BUDGET = 128 << 20  # bytes queued for LMDB; beyond it a reader writes its blob itself
 WRITEBACK_BUDGET = 64 << 20  # bytes of blobs queued for grid write-back; beyond it write-back is skipped
 
 
@@ -34,6 +35,8 @@ class Keeper:
         self.counters = counters
         self.nursery: trio.Nursery | None = None  # for the background writer and write-back
         self._pending_local: list[tuple[str, bytes]] = []
+        self._writing: list[tuple[str, bytes]] = []  # the batch being committed
+        self._queued = 0  # bytes in both
         self._writer_running = False
         self._writeback_limit = trio.CapacityLimiter(4)
         self.writeback_pending = 0  # bytes queued or being written back
@@ -41,9 +44,20 @@ class Keeper:
     def queue_local(self, h: str, data: bytes) -> None:
         """Queue a blob for the local cache; one writer task commits the queue in batches."""
         self._pending_local.append((h, data))
+        self._queued += len(data)
         if not self._writer_running and self.nursery is not None:
             self._writer_running = True
             self.nursery.start_soon(self._local_writer)
+
+    def queue_full(self) -> bool:
+        """True when blobs should be written by their reader rather than queued: no writer task,
+        or LOCAL_QUEUE_BUDGET queued already (a cold read faster than LMDB writes must not
+        hold the whole tree in memory)."""
+        return self.nursery is None or self._queued >= LOCAL_QUEUE_BUDGET
+
+    def local_queue(self) -> tuple[int, int]:
+        """(blobs, bytes) fetched and not yet committed to the local cache (served from memory)."""
+        return len(self._pending_local) + len(self._writing), self._queued
 
     async def flushed(self) -> None:
         """Return once every blob queued for the local cache is written (prefetch's end)."""
@@ -54,7 +68,12 @@ class Keeper:
         try:
             while self._pending_local:
                 batch, self._pending_local = self._pending_local[:LOCAL_BATCH], self._pending_local[LOCAL_BATCH:]
-                await self.put_local(batch)
+                self._writing = batch
+                try:
+                    await self.put_local(batch)
+                finally:
+                    self._queued -= sum(len(d) for _, d in batch)
+                    self._writing = []
         finally:
             self._writer_running = False
 
@@ -82,7 +101,7 @@ class Keeper:
         """Keep blob `h`, had from `src`; `grids`: the grid caches in order."""
         if not memory:
             pass
-        elif local and defer_local and self.nursery is not None:
+        elif local and defer_local and not self.queue_full():
             # the reader gets the bytes now; the LMDB write (a thread hop and a copy) follows,
             # and the in-memory cache serves the blob until it has landed
             self.memory.put(h, data)

@@ -199,11 +199,11 @@ class Packs:
                 if not local:
                     for h, b in keep:
                         memory.put(h, b)
-                elif foreground:  # readers have the bytes at once; the LMDB write follows
+                elif foreground and not self._keeper.queue_full():  # readers have the bytes; the LMDB write follows
                     for h, b in keep:
                         memory.put(h, b)
                         self._keeper.queue_local(h, b)
-                else:  # prefetch: in the local cache when it returns
+                else:  # prefetch (or a long queue): in the local cache when it returns
                     await self._keeper.put_local(keep)
             if error:
                 self.failed(pack, corrupt)
