@@ -36,7 +36,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 typecheck: setup
-	$(VENV)/bin/mypy aysfsd aysctl
+	$(VENV)/bin/mypy aysfsd aysctl tests
+	$(VENV)/bin/mypy --explicit-package-bases bench
 
 unit: setup
 	$(VENV)/bin/pytest -q

@@ -149,7 +149,7 @@ def wait_mounted(path: Path, proc: Proc | None, timeout: float = MOUNT_TIMEOUT) 
 
 
 class LoggedNginx(Nginx):
-    """nginx with an access log: `requests()` counts the requests it answered so far."""
+    """nginx with an access log: `answered()` counts the requests it answered so far."""
 
     def __init__(self, root: Path, workdir: Path, put: bool = True) -> None:
         super().__init__(root, workdir, put=put)
@@ -163,9 +163,10 @@ class LoggedNginx(Nginx):
                             f"    access_log \"{self.access_log}\" bench;")
         self.conf_path.write_text(conf)
 
-    def requests(self) -> int:
+    def answered(self) -> int:
         """Requests logged so far (nginx writes each line when the request ends)."""
         offset, lines = self._counted
+        assert self.access_log is not None
         try:
             with open(self.access_log, "rb") as f:
                 f.seek(offset)

@@ -102,7 +102,7 @@ class Wire:
     server: Any  # bench.peers.LoggedNginx
 
     def snap(self) -> Snap:
-        return self.link.stats(), self.server.requests(), time.perf_counter()
+        return self.link.stats(), self.server.answered(), time.perf_counter()
 
     def traffic(self, a: Snap, b: Snap, end: Snap, since: Snap | None = None) -> Traffic:
         """Counted from `since` (default `a`) to `end`; the link's utilisation over the row, `a` to `b`."""

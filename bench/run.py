@@ -173,8 +173,8 @@ def build_data(work: Path) -> Data:
     d.tar_list.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in d.small))
     rr = random.Random(99)
     d.offsets = [rr.randrange(BIG_SIZE // 4096) * 4096 for _ in range(RAND_OPS)]
-    with open(root / BIG_NAME, "rb") as f:
-        d.rand_blocks = [os.pread(f.fileno(), 4096, off) for off in d.offsets]
+    with open(root / BIG_NAME, "rb") as big:
+        d.rand_blocks = [os.pread(big.fileno(), 4096, off) for off in d.offsets]
     return d
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import force_unmount_under
-from tests.test_tiers import ForwardProxy
+from tests.servers import ForwardProxy
 
 
 @pytest.fixture

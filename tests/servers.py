@@ -12,17 +12,21 @@ import collections
 import contextlib
 import functools
 import http.client
+import http.server
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import paramiko
 import pytest
@@ -681,6 +685,57 @@ class BadStor:
 # ---------------------------------------------------------------------------
 # pytest fixtures
 # ---------------------------------------------------------------------------
+
+
+class ForwardProxy(http.server.ThreadingHTTPServer):
+    """A real (tiny) HTTP forward proxy: absolute-URI requests relayed to the origin, counted."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.seen: Counter[tuple[str, str, str]] = Counter()  # (method, host:port, path)
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: ForwardProxy
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+    def _relay(self) -> None:
+        u = urlsplit(self.path)
+        if u.scheme != "http" or not u.netloc:
+            self.send_error(400, "not a proxy request")
+            return
+        with self.server.lock:
+            self.server.seen[(self.command, u.netloc, u.path)] += 1
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else None
+        conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=10)
+        try:
+            conn.request(self.command, u.path + (f"?{u.query}" if u.query else ""), body=body,
+                         headers={"Content-Length": str(n)} if body is not None else {})
+            r = conn.getresponse()
+            data = r.read()
+        except OSError:
+            self.send_error(502)
+            return
+        finally:
+            conn.close()
+        self.send_response(r.status)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_HEAD = _relay
 
 
 @pytest.fixture

@@ -137,7 +137,9 @@ def test_status_cache_state(daemon: FakeDaemon, capsys: pytest.CaptureFixture[st
     assert run(daemon, "status") == 0
     assert f"cache\t{5 * 2**20}\t{10 * 2**30}\t120\tmemory\t{reason}" in capsys.readouterr().out.splitlines()
     console = Console(file=io.StringIO(), width=300)
-    render.print_status(console, daemon.replies["status"][0])  # type: ignore[arg-type]
+    replies = daemon.replies["status"]
+    assert isinstance(replies, list) and isinstance(replies[0], dict)
+    render.print_status(console, replies[0])
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "free on its filesystem (keeps 4.0 MiB)" in text and f"cache state memory: {reason}" in text
 
@@ -330,7 +332,8 @@ def test_read_timeout(daemon: FakeDaemon) -> None:
 
 
 def test_busy_daemon_is_tried_again_until_it_answers(daemon: FakeDaemon) -> None:
-    answers = iter([[{"ok": False, "code": "busy", "error": "too many clients"}]] * 3 + [[{"ok": True, "n": 1}]])
+    answers: Iterator[list[Any]] = iter([[{"ok": False, "code": "busy", "error": "too many clients"}]] * 3
+                                        + [[{"ok": True, "n": 1}]])
     daemon.replies["status"] = lambda req: next(answers)
     assert list(request(daemon.path, {"cmd": "status"}, timeout=10)) == [{"ok": True, "n": 1}]
     assert len(daemon.requests) == 4

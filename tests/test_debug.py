@@ -224,7 +224,7 @@ def test_restart_saves_pending_writes_and_keeps_edits(work: Path, setup: tuple[P
             pending.write(b"more")
             pending.flush()
         assert e.value.errno == errno.EBADF
-        pending = None
+        del pending
 
 
 def test_debug_session_keeps_open_and_release(work: Path, setup: tuple[Path, Path, Path]) -> None:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,7 +123,8 @@ def test_cached_requests_answered_while_handlers_wait(setup: Setup, work: Path) 
         assert int(stream.communicate(timeout=60)[0].strip() or "0") > 0
     finally:
         stop.write_text("")
-        for p in readers + ([stream] if stream else []):
+        procs: list[subprocess.Popen[Any]] = [*readers, *([stream] if stream else [])]
+        for p in procs:
             p.kill()
             p.wait()
     st = ctl(work / "d" / "aysfsd.sock", {"cmd": "status"})[-1]

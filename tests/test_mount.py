@@ -78,8 +78,8 @@ def test_mount_is_identical_to_source(work: Path, published: tuple[Path, Nginx, 
         st = ctl(work / "d" / "aysfsd.sock", {"cmd": "status"})[-1]
         assert st["mounts"][0]["bytes_by_tier"]["stor"] == sum(blobs.values())
         subprocess.run(["diff", "-r", "--no-dereference", str(src), str(mnt)], check=True)
-        st = os.lstat(mnt / "bin" / "tool.sh")
-        assert (st.st_uid, st.st_gid) == (0, 0) and st.st_mode & 0o777 == 0o755
+        lst = os.lstat(mnt / "bin" / "tool.sh")
+        assert (lst.st_uid, lst.st_gid) == (0, 0) and lst.st_mode & 0o777 == 0o755
         assert os.stat(mnt / "space name").st_mtime_ns == 1_000_000_000_123_456_789
         assert os.readlink(mnt / "abs-link") == "/etc/hostname"
         # a big file at random offsets, across chunk boundaries

@@ -41,7 +41,7 @@ def published(work: Path, nginx_stor: Nginx) -> None:
 
 def write(work: Path, name: str, stors: list[str], ays: list[dict[str, object]], **main: object) -> Path:
     cfg = work / f"{name}.toml"
-    cfg.write_text(config(work / name, [{"url": u, "timeout": 3} for u in stors], ays, **main))
+    cfg.write_text(config(work / name, [{"url": u, "timeout": 3} for u in stors], ays, None, **main))
     return cfg
 
 

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import http.client
-import http.server
 import os
 import random
 import signal
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,7 +32,7 @@ from tests.harness import (
     tree_listing,
     wait_for,
 )
-from tests.servers import Nginx, Sshd
+from tests.servers import ForwardProxy, Nginx, Sshd
 
 AYS = "jumpscale|tiers!main"
 BIG = 5 * 1024 * 1024 + 4321  # two chunks
@@ -481,57 +478,6 @@ def test_prefetch_grid_with_local_off_fills_only_the_grid_cache(work: Path, tree
 
 
 # -- HTTP proxy -------------------------------------------------------------------------------------
-
-
-class ForwardProxy(http.server.ThreadingHTTPServer):
-    """A real (tiny) HTTP forward proxy: absolute-URI requests relayed to the origin, counted."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-        self.seen: Counter[tuple[str, str, str]] = Counter()  # (method, host:port, path)
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _ProxyHandler(http.server.BaseHTTPRequestHandler):
-    server: ForwardProxy
-
-    def log_message(self, *a: object) -> None:
-        pass
-
-    def _relay(self) -> None:
-        u = urlsplit(self.path)
-        if u.scheme != "http" or not u.netloc:
-            self.send_error(400, "not a proxy request")
-            return
-        with self.server.lock:
-            self.server.seen[(self.command, u.netloc, u.path)] += 1
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n) if n else None
-        conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=10)
-        try:
-            conn.request(self.command, u.path + (f"?{u.query}" if u.query else ""), body=body,
-                         headers={"Content-Length": str(n)} if body is not None else {})
-            r = conn.getresponse()
-            data = r.read()
-        except OSError:
-            self.send_error(502)
-            return
-        finally:
-            conn.close()
-        self.send_response(r.status)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_GET = do_PUT = do_HEAD = _relay
 
 
 def test_http_stor_and_grid_cache_through_a_proxy(work: Path, tree: Path, nginx_stor: Nginx,

@@ -32,8 +32,8 @@ from aysfsd.tree.packs import (
     tree_path,
 )
 from tests.harness import tree_listing, wait_for
-from tests.servers import Nginx
-from tests.test_tiers import AYS, ForwardProxy, config, publish, start, status
+from tests.servers import ForwardProxy, Nginx
+from tests.test_tiers import AYS, config, publish, start, status
 
 DEPTH = 12
 H = "ab" * 32

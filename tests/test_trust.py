@@ -14,6 +14,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -129,7 +130,7 @@ def f(name: object, **kw: object) -> dict:
     return {"n": name, "t": "f", "m": 0o644, "s": 1, "mt": 0, "h": H, **kw}
 
 
-HOSTILE = {
+HOSTILE: dict[str, tuple[Any, ...]] = {
     "dotdot": ([f("..")], "hostile name '..'"),
     "dot": ([f(".")], "hostile name '.'"),
     "slash": ([f("a/b")], "hostile name 'a/b'"),
