@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from aysfsd.fuse.bulkread import CREDIT, RUN, WINDOW_BYTES
-from aysfsd.fuse.ops import READAHEAD_CHUNKS
+from aysfsd.fuse.content import READAHEAD_CHUNKS
 from aysfsd.tree.objects import CHUNK_SIZE, decode_dir
 from tests.harness import stor_roots
 from tests.servers import ForwardProxy, Nginx

@@ -304,7 +304,7 @@ def test_a_first_lookup_during_another_waits_for_its_tree_pack_claims(work: Path
     arriving once the root object is loaded but before the tree index came and the packs'
     members were claimed, waits for those claims too, so the directory it then lists comes in
     its tree pack, not alone (in process, a directory stor whose tree index comes after 1 s)."""
-    from aysfsd.fuse.ops import Operations
+    from aysfsd.fuse.catalog import Catalog
 
     src = deep_tree(work / "src")
     root = publish(src, str(work / "stor"))
@@ -323,15 +323,15 @@ def test_a_first_lookup_during_another_waits_for_its_tree_pack_claims(work: Path
 
     async def main() -> None:
         async with live_fetcher(cache, SlowIndexStor(str(work / "stor")), timeout=10) as f:
-            ops = Operations(f, cache)
+            catalog = Catalog(f, cache)
             assert f.nursery is not None
             with trio.fail_after(10):
-                f.nursery.start_soon(ops.load_root, root)  # the first: waits for the index
-                while root not in ops._dirs:
+                f.nursery.start_soon(catalog.load_root, root)  # the first: waits for the index
+                while catalog.in_memory(root) is None:
                     await trio.sleep(0.01)
-                assert tree_path(root) in asked and not ops.trees._claimed[root].is_set()
-                await ops.load_root(root)  # the second
-                entries, _ = await ops.load_dir(level1)
+                assert tree_path(root) in asked and not catalog.trees._claimed[root].is_set()
+                await catalog.load_root(root)  # the second
+                entries, _ = await catalog.load_dir(level1)
                 listed.append(sorted(e.name for e in entries))
 
     try:

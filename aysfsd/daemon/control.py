@@ -321,7 +321,7 @@ class ControlServer:
 
         async def job() -> None:
             async with send:
-                result.append(await prefetch.run(self.daemon.ops, mp, local=local, grid=grid,
+                result.append(await prefetch.run(self.daemon.ops.catalog, mp, local=local, grid=grid,
                                                  on_progress=on_progress))
 
         async with trio.open_nursery() as n:

@@ -338,7 +338,7 @@ class Daemon:
         hashes: set[str] = set()
         stack = [mp.ref.root]
         while stack:
-            entries, _ = await self.ops.load_dir(stack.pop(), grid=mp.cfg.cache_grid)
+            entries, _ = await self.ops.catalog.load_dir(stack.pop(), grid=mp.cfg.cache_grid)
             for e in entries:
                 if e.kind == "d":
                     stack.append(e.hash)
@@ -400,7 +400,7 @@ class Daemon:
         async def job() -> None:
             with scope:
                 try:
-                    await profiles.cold_start(self.ops, mp, ref, watch, trusted=trusted,
+                    await profiles.cold_start(self.ops.catalog, mp, ref, watch, trusted=trusted,
                                               timeout=self.cfg.main.fetch_timeout)
                 except Exception:
                     log.exception("mount %s: startup profile failed", mp.name,
@@ -432,7 +432,7 @@ class Daemon:
             return
         from ..fuse import prefetch
 
-        self.nursery.start_soon(lambda: prefetch.run(self.ops, mp, local=mp.cfg.prefetch_local,
+        self.nursery.start_soon(lambda: prefetch.run(self.ops.catalog, mp, local=mp.cfg.prefetch_local,
                                                      grid=mp.cfg.prefetch_grid))
 
     def status_line(self) -> str:

@@ -75,7 +75,7 @@ class FuseSession:
             state_fd = None
         journal = StateJournal(state_fd)
         if resume is not None:
-            self.adopted = restore(journal.lines(), ays, self.ops.cached_entries)
+            self.adopted = restore(journal.lines(), ays, self.ops.catalog.cached_entries)
             self.ops.adopt(self.adopted)
             log.info("resuming the FUSE session of the previous process: %d mounts, %d inodes, %d open files "
                      "(%d records skipped)", len(self.adopted.mounts), len(self.adopted.nodes),

@@ -22,7 +22,6 @@ import logging
 import os
 import stat
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import pyfuse3
@@ -38,19 +37,16 @@ from ..tree.objects import (
     KIND_LINK,
     Entry,
     NameIndex,
-    TreeError,
-    decode_dir,
-    pack_members,
 )
 from ..tree.profile import DIR_INDEX
 from ..tree.ref import Ref
-from .bulkread import BulkWindow
+from .catalog import Catalog
+from .content import ContentReader
 from .debug_writes import DebugWrites
 from .guard import erofs, guarded
 from .interrupts import CallerWatch
 from .nodes import MountPoint, Node, OpenFile
 from .statejournal import Journal, Restored, snapshot_lines
-from .treeload import TreeLoader
 
 log = logging.getLogger("aysfsd.fuse.ops")
 
@@ -58,12 +54,6 @@ ROOT_INO = pyfuse3.ROOT_INODE
 TREE_TIMEOUT = 86400.0  # content is immutable: let the kernel cache names and attributes
 TOP_TIMEOUT = 1.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
-DIR_CACHE = 8192  # decoded directory objects kept in memory
-NAMES_CACHE = 256  # directories whose encoded names are kept for readdir
-SIBLING_MAX_SIZE = 256 * 1024  # small files of a directory are fetched together...
-SIBLING_MAX_FILES = 256  # ...up to this many at a time
-READAHEAD_CHUNKS = 6  # chunks a sequential reader has fetched ahead of it (24 MiB)
-PACKS_AT_ONCE = 16  # packs of a directory fetched together (see _fetch_siblings)
 _S_IF = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_LINK: stat.S_IFLNK}
 
 
@@ -84,15 +74,14 @@ class Operations(DebugWrites, pyfuse3.Operations):
         super().__init__()
         self.fetcher = fetcher
         self.cache = cache
-        self.trees = TreeLoader(fetcher)
+        self.catalog = Catalog(fetcher, cache)  # directory objects: every lookup and listing asks it
         self.callers = CallerWatch()  # requests of dying callers given up (aysfsd.fuse.interrupts)
         self.mounts: dict[str, MountPoint] = {}  # by name
         self.nodes: dict[int, Node] = {}
         self.open_files: dict[int, OpenFile] = {}
         self._next_ino = ROOT_INO + 1
         self._next_fh = 1
-        self._dirs: OrderedDict[str, tuple[list[Entry], NameIndex]] = OrderedDict()
-        self.bulk = BulkWindow(fetcher, self.nodes, self.load_dir, self._dirs.get)
+        self.content = ContentReader(fetcher, cache, self.catalog, self.nodes, self._need)  # file bytes
         self.started = time.time()
         self._debug_mtimes = {}
         self.journal: Journal = Journal()  # what the next daemon needs to resume (aysfsd.fuse.handover)
@@ -102,7 +91,6 @@ class Operations(DebugWrites, pyfuse3.Operations):
         # are inodes, and big files keep their read-ahead state here instead of in an open file
         self.no_open = False
         self._readers: dict[int, OpenFile] = {}
-        self._names: OrderedDict[str, list[bytes]] = OrderedDict()  # encoded names of listed directories
         self._writers: dict[int, OpenFile] = {}
         cache.set_pinned(self.pinned_blobs)
 
@@ -129,20 +117,6 @@ class Operations(DebugWrites, pyfuse3.Operations):
         """The state a graceful hand-over passes on (see aysfsd.fuse.statejournal)."""
         return snapshot_lines(list(self.mounts.values()), self.nodes, self.open_files,
                               self._next_ino, self._next_fh, self.no_open)
-
-    def cached_entries(self, h: str) -> list[Entry] | None:
-        """A directory object's entries from memory or the local cache, without fetching."""
-        d = self._dirs.get(h)
-        if d is not None:
-            return d[0]
-        data = self.cache.get(h)
-        if data is None:
-            return None
-        try:
-            return decode_dir(data, h)
-        except TreeError as e:
-            log.error("%s", e, extra={"BLOB": h})
-            return None
 
     def interrupted(self, pid: int) -> bool:
         """Called by the patched pyfuse3 when the kernel interrupts a request of thread `pid`:
@@ -219,54 +193,6 @@ class Operations(DebugWrites, pyfuse3.Operations):
         return [h for of in list(self.open_files.values()) + list(self._readers.values())
                 for h, _ in of.entry.blobs()]
 
-    # -- tree access --------------------------------------------------------------------------
-
-    async def load_dir(self, h: str, grid: bool = True, ahead: bool = True) -> tuple[list[Entry], NameIndex]:
-        """A directory object by hash, decoded and validated (kept in memory and LMDB)."""
-        d = self._dirs.get(h)
-        if d is not None:
-            self._dirs.move_to_end(h)
-            return d
-        data = await self.fetcher.get(h, local=True, grid=grid)  # metadata is always kept locally
-        try:
-            entries = decode_dir(data, h)
-        except TreeError as e:
-            log.error("%s", e, extra={"BLOB": h})
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        if ahead:
-            self._subdirs_ahead(entries, grid)
-        d = (entries, NameIndex(entries))
-        self._dirs[h] = d
-        if len(self._dirs) > DIR_CACHE:
-            self._dirs.popitem(last=False)
-        return d
-
-    def _subdirs_ahead(self, entries: list[Entry], grid: bool) -> None:
-        """One level ahead: directory walks (find, imports, tar) need the subdirectories next;
-        their objects come in packs (see aysfsd.tree.objects), the others in parallel. (Those that
-        tree packs bring are in flight already: nothing is asked twice.)"""
-        for pack, members in pack_members(entries, KIND_DIR).items():
-            self.fetcher.fetch_pack(pack, members, local=True, grid=grid, account=None)
-        self.fetcher.fetch_many([e.hash for e in entries if e.kind == KIND_DIR and not e.pack], local=True,
-                                grid=grid, account=None)
-
-    async def _load_top(self, h: str, grid: bool) -> None:
-        """The first lookup in a version not cached: its tree packs (see aysfsd.fuse.treeload) are
-        asked for beside its root object, then only what they do not bring is fetched ahead."""
-        if h in self._dirs or self.cache.has(h):
-            if self.trees.claiming(h):  # another first lookup in progress (a profile's player): its claims first
-                await self.trees.wait(h)
-            return
-        self.trees.start(h, grid=grid)
-        entries, _ = await self.load_dir(h, grid=grid, ahead=False)
-        await self.trees.wait(h)
-        self._subdirs_ahead(entries, grid)
-
-    async def load_root(self, h: str, grid: bool = True) -> tuple[list[Entry], NameIndex]:
-        """A version's root directory, loaded as a mount's first lookup loads it (tree packs)."""
-        await self._load_top(h, grid)
-        return await self.load_dir(h, grid=grid)
-
     # -- start watches (see aysfsd.fuse.startwatch) -------------------------------------------------
 
     def _need(self, node: Node, index: int, h: str, size: int) -> None:
@@ -305,8 +231,8 @@ class Operations(DebugWrites, pyfuse3.Operations):
         mp, h = node.mount, node.entry.hash
         try:
             if node.ino == mp.top_ino:
-                await self._load_top(h, mp.cfg.cache_grid)
-            d = await self.load_dir(h, grid=mp.cfg.cache_grid)
+                await self.catalog.load_top(h, mp.cfg.cache_grid)
+            d = await self.catalog.load_dir(h, grid=mp.cfg.cache_grid)
         except FetchError as e:
             mp.count_eio(e.cause)
             log.error("mount %s: directory unavailable: %s", mp.name, e,
@@ -326,7 +252,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         degraded mount is up again once its stor serves them, without waiting for a reader."""
         for h in mp.retryable_dirs()[:at_most]:
             try:
-                await self.load_dir(h, grid=mp.cfg.cache_grid, ahead=False)
+                await self.catalog.load_dir(h, grid=mp.cfg.cache_grid, ahead=False)
             except FetchError:
                 continue
             except pyfuse3.FUSEError:
@@ -545,7 +471,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         and its names encoded once (a big directory takes thousands of READDIRPLUS requests of a
         page each; nothing per request may cost in proportion to the whole directory)."""
         entries, _ = await self._dir_of(parent)
-        names = self._encoded_names(parent.entry.hash, entries)
+        names = self.catalog.encoded_names(parent.entry.hash, entries)
         if not self._dots(parent.ino, start_id, token):
             return
         if parent.children is None:
@@ -587,16 +513,6 @@ class Operations(DebugWrites, pyfuse3.Operations):
             self.journal.base(parent.ino, parent.ino_base, n)
         return parent.ino_base
 
-    def _encoded_names(self, h: str, entries: list[Entry]) -> list[bytes]:
-        names = self._names.get(h)
-        if names is None:
-            names = self._names[h] = [e.name.encode("utf-8", "surrogateescape") for e in entries]
-            if len(self._names) > NAMES_CACHE:
-                self._names.popitem(last=False)
-        else:
-            self._names.move_to_end(h)
-        return names
-
     @guarded
     async def releasedir(self, fh: int) -> None:
         return None
@@ -632,37 +548,6 @@ class Operations(DebugWrites, pyfuse3.Operations):
             self.journal.opened(fh, inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=not editable, direct_io=False)
 
-    async def _fetch_siblings(self, node: Node) -> None:
-        """On a cache miss of a small file (its first read), fetch its small siblings too:
-        programs read a directory's files one after the other (imports, tar, cp), and from a
-        remote stor each one alone would cost a round trip. Packed files come with their
-        directory's packs; in a tree published without packs the small siblings are fetched
-        in parallel. Called from the read path, not open(): with no OPEN requests (kernel
-        no_open mode) a read is the first the daemon hears of a file's content."""
-        parent = self.nodes.get(node.parent)
-        if parent is None or not parent.entry.hash or parent.siblings_fetched:
-            return
-        cfg = parent.mount.cfg
-        entries, _ = await self.load_dir(parent.entry.hash, grid=cfg.cache_grid)
-        if node.entry.pack:
-            # the file's pack and the directory's next ones, in parallel: the directory is the
-            # unit of locality (imports, tar), and a pack is at most PACK_SIZE
-            by_pack = pack_members(entries, KIND_FILE)
-            packs = list(by_pack)
-            i = packs.index(node.entry.pack) if node.entry.pack in packs else 0
-            todo = (packs[i:] + packs[:i])[:PACKS_AT_ONCE]
-            parent.siblings_fetched = len(todo) == len(packs)
-            for pack in todo:
-                self.fetcher.fetch_pack(pack, by_pack[pack], local=cfg.cache_local, grid=cfg.cache_grid,
-                                        account=parent.mount.bytes_by_tier)
-            return
-        if any(e.pack for e in entries if e.kind == KIND_FILE):
-            return  # a file too big for a pack: just itself (packs cover the small ones)
-        parent.siblings_fetched = True
-        hashes = [e.hash for e in entries
-                  if e.kind == KIND_FILE and e.hash and 0 < e.size <= SIBLING_MAX_SIZE][:SIBLING_MAX_FILES]
-        self.fetcher.fetch_many(hashes, local=cfg.cache_local, grid=cfg.cache_grid, account=parent.mount.bytes_by_tier)
-
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]  # pyfuse3 takes any buffer
         of = self._reader(fh) if self.no_open else self.open_files.get(fh)
@@ -695,57 +580,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
         return of
 
     async def _read_tree(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
-        e, mp = of.entry, of.node.mount
-        end = min(off + size, e.size)
-        if off >= end:
-            return b""
-        pieces = e.blobs()
-        if off == 0 and of.next_off == 0:
-            self.bulk.first_read(of.node)  # a reader going through a tree in order? (see aysfsd.fuse.bulkread)
-        if off == of.next_off and len(pieces) > 1:
-            # A sequential reader: the next chunks are fetched beside this one. Decided and moved on
-            # before any wait: the kernel sends its read-ahead READs while the first one waits.
-            nxt = (end - 1) // CHUNK_SIZE + 1
-            for h, _ in pieces[nxt:nxt + READAHEAD_CHUNKS]:
-                self.fetcher.readahead(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
-                                       account=mp.bytes_by_tier)
-        of.next_off = end
-        out: list[bytes | memoryview] = []
-        pos = off
-        while pos < end:
-            idx = pos // CHUNK_SIZE
-            h, csize = pieces[idx]
-            coff = pos - idx * CHUNK_SIZE
-            n = min(end - pos, csize - coff)
-            if mp.watch is not None:
-                self._need(of.node, idx, h, csize)
-            data: bytes | memoryview | None = self.cache.get_range(h, coff, n)
-            if data is None:
-                mp.misses += 1
-                if of.dbg is None and 0 < e.size <= SIBLING_MAX_SIZE:
-                    await self._fetch_siblings(of.node)
-                try:
-                    blob = await self.fetcher.get(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
-                                                  account=mp.bytes_by_tier)
-                except FetchError as err:
-                    mp.count_eio(err.cause)
-                    log.error("mount %s: read of %r failed: %s", mp.name, e.name, err,
-                              extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id, "BLOB": h})
-                    raise pyfuse3.FUSEError(errno.EIO) from None
-                if len(blob) != csize:
-                    mp.count_eio("bad_tree")
-                    log.error("mount %s: blob %s is %d bytes, tree says %d", mp.name, h, len(blob), csize,
-                              extra={"AYSFS_MOUNT": mp.name, "BLOB": h})
-                    raise pyfuse3.FUSEError(errno.EIO)
-                # a view, not a copy, of a big read (the blob is immutable bytes)
-                data = memoryview(blob)[coff:coff + n] if n > 65536 else blob[coff:coff + n]
-            else:
-                mp.hits += 1
-                mp.bytes_by_tier["local"] += len(data)
-            out.append(data)
-            pos += n
-        mp.bytes_read += end - off
-        return out[0] if len(out) == 1 else b"".join(out)
+        return await self.content.read(of, off, size)
 
     @guarded
     async def release(self, fh: int) -> None:

@@ -19,7 +19,8 @@ from ..stores import StoreError
 from ..stores.layout import blob_path
 from ..tiers import FetchError
 from ..tree.objects import KIND_DIR, KIND_FILE, pack_members
-from .ops import MountPoint, Operations
+from .catalog import Catalog
+from .nodes import MountPoint
 from .progress import Progress
 
 log = logging.getLogger("aysfsd.fuse.prefetch")
@@ -30,18 +31,18 @@ Members = list[tuple[str, int, int]]  # a pack's members: (hash, offset, size)
 Item = tuple[str, int, Members]  # a blob or pack to prefetch: (hash, size, members if a pack)
 
 
-async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[Item], p: Progress,
+async def _walk(catalog: Catalog, root: str, send: trio.MemorySendChannel[Item], p: Progress,
                 grid: bool, index_to_grid: bool) -> None:
     """Send every blob of the tree (directory objects included) once; identical subtrees once."""
     seen: set[str] = set()
     # tree packs (see aysfsd.tree.packs): sent instead of the directory objects they hold (and
     # of the packs of those), as readers fetch them; claimed before the walk loads directories
-    tree_packs = await ops.trees.index(root, write_back=index_to_grid)  # (grid caches need it with the packs)
+    tree_packs = await catalog.trees.index(root, write_back=index_to_grid)  # (grid caches need it with the packs)
     covered = {m for tp in tree_packs for m, _, _ in tp.members}
     if tree_packs:
-        await ops.load_dir(root, grid=grid, ahead=False)  # alone, as readers get it
-        ops.trees.start(root, grid=grid, packs=tree_packs)
-        await ops.trees.wait(root)
+        await catalog.load_dir(root, grid=grid, ahead=False)  # alone, as readers get it
+        catalog.trees.start(root, grid=grid, packs=tree_packs)
+        await catalog.trees.wait(root)
     stack = [(root, False)]  # (directory object, whether it comes in its parent's pack)
     async with send:
         for tp in tree_packs:
@@ -51,7 +52,7 @@ async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[Item], 
             await send.send((tp.hash, tp.size, list(tp.members)))
         while stack:
             h, packed = stack.pop()
-            data_entries, _ = await ops.load_dir(h, grid=grid)
+            data_entries, _ = await catalog.load_dir(h, grid=grid)
             # the root object alone: readers fetch it alone, before they know of tree packs
             todo: list[Item] = [] if (packed or h in covered) and h != root else [(h, 0, [])]
             for e in data_entries:
@@ -76,12 +77,12 @@ async def _walk(ops: Operations, root: str, send: trio.MemorySendChannel[Item], 
                 await send.send(item)
 
 
-async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
+async def run(catalog: Catalog, mp: MountPoint, *, local: bool, grid: bool,
               on_progress: Callable[[Progress], None] | None = None) -> Progress:
     """Prefetch the current tree of `mp` into the chosen tiers; progress kept in `mp.prefetch`."""
     p = Progress()
     mp.prefetch = p
-    fetcher = ops.fetcher
+    fetcher = catalog.fetcher
     if mp.ref is None:
         p.state = "failed"
         return p
@@ -135,7 +136,7 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
                     p.fetched_bytes += sum(size for _, _, size in members)
                 for m in alone:  # the ones the pack did not deliver
                     await fetcher.get(m, local=True, grid=False, background=True)
-        elif local and not ops.cache.has(h):
+        elif local and not catalog.cache.has(h):
             # with `grid` the blob was written to the grid caches above, not also by write-back
             data = await fetcher.get(h, local=True, grid=mp.cfg.cache_grid and not grid, background=True)
             p.fetched_blobs += 1
@@ -145,10 +146,10 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
 
     def check_size() -> None:
         nonlocal warned
-        if local and not warned and p.bytes_total > ops.cache.limit:
+        if local and not warned and p.bytes_total > catalog.cache.limit:
             warned = True
             log.warning("prefetch %s: the tree (%d bytes so far) is larger than the local cache (%d bytes): "
-                        "its first blobs will be evicted", mp.name, p.bytes_total, ops.cache.limit,
+                        "its first blobs will be evicted", mp.name, p.bytes_total, catalog.cache.limit,
                         extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
 
     async def worker(recv: trio.MemoryReceiveChannel[Item]) -> None:
@@ -167,7 +168,7 @@ async def run(ops: Operations, mp: MountPoint, *, local: bool, grid: bool,
 
     try:
         async with trio.open_nursery() as n:
-            n.start_soon(_walk, ops, root, send, p, mp.cfg.cache_grid, grid or mp.cfg.cache_grid)
+            n.start_soon(_walk, catalog, root, send, p, mp.cfg.cache_grid, grid or mp.cfg.cache_grid)
             for _ in range(WORKERS):
                 n.start_soon(worker, recv.clone())
             await recv.aclose()

@@ -24,7 +24,8 @@ from ..tiers import Fetcher, FetchError
 from ..tree.objects import KIND_DIR, KIND_FILE, Entry, pack_members
 from ..tree.profile import DIR_INDEX, Item, Profile, ProfileError, decode
 from ..tree.ref import Ref, RefError, decode_ref, verify
-from .ops import MountPoint, Operations
+from .catalog import Catalog
+from .nodes import MountPoint
 from .progress import ProfileUse
 from .startwatch import StartWatch
 
@@ -109,12 +110,12 @@ async def to_grid(fetcher: Fetcher, mp: MountPoint, profile: Profile) -> list[st
 # -- playing ------------------------------------------------------------------------------------
 
 
-async def _place(ops: Operations, mp: MountPoint, root: str, item: Item) -> tuple[Entry, list[Entry]] | None:
+async def _place(catalog: Catalog, mp: MountPoint, root: str, item: Item) -> tuple[Entry, list[Entry]] | None:
     """The entry at an item's path and its directory's entries (for a directory item: the
     entry is the directory's own); None when the tree has nothing there."""
     grid = mp.cfg.cache_grid
     parts = item.parts()
-    entries, index = await ops.load_root(root, grid=grid)
+    entries, index = await catalog.load_root(root, grid=grid)
     if not parts:
         return Entry("", KIND_DIR, 0, 0, 0, hash=root), entries
     for n, name in enumerate(parts):
@@ -126,21 +127,21 @@ async def _place(ops: Operations, mp: MountPoint, root: str, item: Item) -> tupl
             return e, entries
         if e.kind != KIND_DIR:
             return None
-        entries, index = await ops.load_dir(e.hash, grid=grid)
+        entries, index = await catalog.load_dir(e.hash, grid=grid)
     return None
 
 
 Target = tuple[str, str, int, list[tuple[str, int, int]]]  # (blob or pack, item hash, bytes, pack members)
 
 
-async def play(ops: Operations, mp: MountPoint, profile: Profile, use: ProfileUse) -> None:
+async def play(catalog: Catalog, mp: MountPoint, profile: Profile, use: ProfileUse) -> None:
     """Fetch the blobs a profile names, in its order, WINDOW at a time; items the tree does not
     name at their place are ignored with a log line.
 
     One task resolves the items in order through the tree (starting each directory object's
     load as soon as its place is checked) and hands the blobs to WINDOW fetchers in that
     order: what the stor sees is the profile's order, however long each fetch takes."""
-    fetcher = ops.fetcher
+    fetcher = catalog.fetcher
     cfg = mp.cfg
     root = profile.root
     started: set[str] = set()  # directory objects, blobs and packs asked for already
@@ -160,7 +161,7 @@ async def play(ops: Operations, mp: MountPoint, profile: Profile, use: ProfileUs
 
     async def load(h: str, path: str) -> None:
         try:
-            await ops.load_dir(h, grid=cfg.cache_grid)
+            await catalog.load_dir(h, grid=cfg.cache_grid)
         except (FetchError, pyfuse3.FUSEError) as e:
             failed(f"directory {path!r}", e)
 
@@ -191,7 +192,7 @@ async def play(ops: Operations, mp: MountPoint, profile: Profile, use: ProfileUs
         async with send, trio.open_nursery() as dirs:
             for n, item in enumerate(profile.items):
                 try:
-                    place = await _place(ops, mp, root, item)
+                    place = await _place(catalog, mp, root, item)
                 except (FetchError, pyfuse3.FUSEError) as e:
                     failed(f"item {n} ({item.path!r})", e)
                     continue
@@ -224,11 +225,11 @@ async def play(ops: Operations, mp: MountPoint, profile: Profile, use: ProfileUs
         await recv.aclose()
 
 
-async def _load_tree(ops: Operations, mp: MountPoint, root: str) -> None:
+async def _load_tree(catalog: Catalog, mp: MountPoint, root: str) -> None:
     """The version's root object and tree packs, beside the search for a profile: the reader's
     first lookup and the profile's first items need them (errors are the reader's to report)."""
     try:
-        await ops.load_root(root, grid=mp.cfg.cache_grid)
+        await catalog.load_root(root, grid=mp.cfg.cache_grid)
     except (FetchError, pyfuse3.FUSEError) as e:
         log.debug("mount %s: loading the tree ahead: %s", mp.name, e, extra=_extra(mp))
 
@@ -248,11 +249,11 @@ def arm(fetcher: Fetcher, mp: MountPoint, ref: Ref, idle: float) -> StartWatch:
     return watch
 
 
-async def cold_start(ops: Operations, mp: MountPoint, ref: Ref, watch: StartWatch, *, trusted: list[str],
+async def cold_start(catalog: Catalog, mp: MountPoint, ref: Ref, watch: StartWatch, *, trusted: list[str],
                      timeout: float) -> None:
     """Find and play a profile for `ref`'s version, or record one for the grid (see the module
     docstring), with the watch `arm` gave. Runs in the background once the mount is up."""
-    fetcher = ops.fetcher
+    fetcher = catalog.fetcher
     use = mp.profile
     if use is None or use.watch is not watch:
         return  # armed again since
@@ -260,7 +261,7 @@ async def cold_start(ops: Operations, mp: MountPoint, ref: Ref, watch: StartWatc
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch.run)
-            nursery.start_soon(_load_tree, ops, mp, ref.root)
+            nursery.start_soon(_load_tree, catalog, mp, ref.root)
             found: tuple[str, Profile] | None = await from_ref(fetcher, mp, ref, trusted, timeout)
             if found is not None:
                 use.source, use.hash = "ref", found[0]
@@ -277,7 +278,7 @@ async def cold_start(ops: Operations, mp: MountPoint, ref: Ref, watch: StartWatc
                 watch.measure({i.hash for i in profile.items})
                 log.info("mount %s: startup profile from the %s: %d items, fetching ahead", mp.name, use.source,
                          use.items, extra=_extra(mp))
-                await play(ops, mp, profile, use)
+                await play(catalog, mp, profile, use)
                 use.state = "done"
                 log.info("mount %s: startup profile fetched: %d blobs (%d bytes), %d items ignored, %d errors",
                          mp.name, use.fetched_blobs, use.fetched_bytes, use.ignored, use.errors, extra=_extra(mp))
