@@ -11,6 +11,7 @@ tracefs. Used by run.py when BENCH_FUSE_TRACE=1; also usable on its own:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TRACEFS = Path("/sys/kernel/tracing")
+_serial = itertools.count()
 _SEND = re.compile(r"fuse_request_send: connection (\d+) req (\d+) opcode \d+ \((\w+)\)")
 _END = re.compile(r"\s(\d+\.\d+): fuse_request_end: connection (\d+) req (\d+) len \d+ error (-?\d+)")
 _TS = re.compile(r"\s(\d+\.\d+): fuse_request_send")
@@ -63,9 +65,9 @@ def connection_of(path: str | Path) -> int:
     return (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
 
 
-def _set(enable: bool, connection: int | None = None) -> None:
+def _set(inst: Path, enable: bool, connection: int | None = None) -> None:
     for ev in ("fuse_request_send", "fuse_request_end"):
-        d = TRACEFS / "events" / "fuse" / ev
+        d = inst / "events" / "fuse" / ev
         if enable:
             (d / "filter").write_text(f"connection == {connection}\n" if connection is not None else "0\n")
         (d / "enable").write_text("1\n" if enable else "0\n")
@@ -100,16 +102,21 @@ def parse(text: str) -> Trace:
 
 @contextlib.contextmanager
 def traced(out: list[Trace], connection: int | None = None) -> Iterator[None]:
-    """Trace FUSE requests (of one connection, or all) while the block runs; appends to `out`."""
-    (TRACEFS / "buffer_size_kb").write_text("65536\n")
-    (TRACEFS / "trace").write_text("")
-    _set(True, connection)
+    """Trace FUSE requests (of one connection, or all) while the block runs; appends to `out`.
+    In a tracing instance of its own (its own buffer and event switches), so that two traces
+    at once (a benchmark and a test, two tests) neither see nor switch off each other's events."""
+    inst = TRACEFS / "instances" / f"aysfs-fusetrace-{os.getpid()}-{next(_serial)}"
+    inst.mkdir()
     try:
-        yield
+        (inst / "buffer_size_kb").write_text("65536\n")
+        _set(inst, True, connection)
+        try:
+            yield
+        finally:
+            _set(inst, False)
+            out.append(parse((inst / "trace").read_text(errors="replace")))
     finally:
-        _set(False)
-        out.append(parse((TRACEFS / "trace").read_text(errors="replace")))
-        (TRACEFS / "trace").write_text("")
+        inst.rmdir()
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ way down while the row ran. Native's figures are its cold rows of the same run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -126,7 +127,8 @@ class Remote:
 
     def __init__(self, data: Any, native: Results, peers: list[RemotePeer], measures: dict[str, Measure],
                  check: Callable[[Any, Peer, list[str]], tuple[str | None, int, int]], cold_runs: int,
-                 slow: float, cap: float, log: Callable[[str], None]) -> None:
+                 slow: float, cap: float, log: Callable[[str], None],
+                 traced: Callable[[str, Peer], contextlib.AbstractContextManager[None]] | None = None) -> None:
         self.data = data
         self.native = native
         self.peers = peers
@@ -136,6 +138,7 @@ class Remote:
         self.slow = slow
         self.cap = cap
         self.log = log
+        self.traced = traced or (lambda key, peer: contextlib.nullcontext())  # FUSE requests (BENCH_FUSE_TRACE)
         self.results: RResults = {r.key: {} for r in ROWS}
         self.first_run: dict[tuple[str, str], float] = {}
         self.profiled: Peer | None = None
@@ -202,7 +205,8 @@ class Remote:
             v: float | None = None
             problem: str | None = None
             try:
-                v, problem = measure(self.data, peer, timeout=self.cap)
+                with self.traced(key, peer):
+                    v, problem = measure(self.data, peer, timeout=self.cap)
             except subprocess.TimeoutExpired:
                 c.capped = self.cap
             s2 = rp.wire.snap()

@@ -350,14 +350,16 @@ class Bench:
         self.traces: dict[tuple[str, str], tuple[fusetrace.Trace, int]] = {}
 
     @contextlib.contextmanager
-    def fuse_traced(self, key: str, peer: Peer, runs: int) -> Iterator[None]:
+    def fuse_traced(self, key: str, peer: Peer, runs: int, fs: str = "") -> Iterator[None]:
+        """Count the FUSE requests of `peer` while the row runs (BENCH_FUSE_TRACE); `fs`: the name
+        in the table (default: the peer's)."""
         if not self.trace or peer.name not in ("aysfs", "squashfuse"):
             yield
             return
         out: list[fusetrace.Trace] = []
         with fusetrace.traced(out, fusetrace.connection_of(peer.root)):
             yield
-        self.traces[(peer.name, key)] = (out[0], runs)
+        self.traces[(fs or peer.name, key)] = (out[0], runs)
 
     def cell(self, key: str, peer: Peer) -> Cell:
         return self.results[key].setdefault(peer.name, Cell())
@@ -711,7 +713,8 @@ def main() -> int:
         link_notes: list[str] = []
         if rpeers:
             rb = remote.Remote(data, results, rpeers, {"find": do_find, "tar": do_tar, "app": do_app, "seq": do_seq},
-                               content_check, COLD_RUNS, SLOW_COLD, REMOTE_CAP, log)
+                               content_check, COLD_RUNS, SLOW_COLD, REMOTE_CAP, log,
+                               traced=lambda key, peer: bench.fuse_traced(key, peer, 1, f"{peer.name} (link)"))
             rb.run()
             rres = rb.results
             link_notes = rb.link_notes
@@ -741,7 +744,8 @@ def write_traces(traces: dict[tuple[str, str], tuple[fusetrace.Trace, int]]) -> 
     for (peer, key), (t, runs) in traces.items():
         per = fusetrace.Trace({op: fusetrace.OpStats(s.count // runs, s.errors // runs, s.total_us / runs)
                                for op, s in t.ops.items()}, t.lost)
-        lines.append(f"| {report.ROW[key].label} | {peer} | {t.total / runs:.0f} | {per.summary()} |")
+        row = report.ROW.get(key) or remote.ROW.get(key)
+        lines.append(f"| {row.label if row else key} | {peer} | {t.total / runs:.0f} | {per.summary()} |")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "fuse-requests.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS_DIR / 'fuse-requests.md'}")
