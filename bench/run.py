@@ -13,7 +13,8 @@ squashfs image of the same tree. Every figure is measured in this run, on this d
     BENCH_PEERS=a,b  only these peers (native is always measured); a,b also selects their remote rows,
                      a-remote only those (BENCH_PEERS=aysfs-remote: native and remote aysfs)
     BENCH_RESULTS=DIR       write results.md/.json/ratios.png (and profiles, traces) there
-    BENCH_PROFILE=row,row   py-spy record aysfsd during these rows (bench/results/profile-ROW.txt)
+    BENCH_PROFILE=row,row   py-spy record aysfsd during these rows (bench/results/profile-ROW.txt;
+                            a remote row: remote-tar, remote-app, ...)
     BENCH_SKIP_100K=1       skip the 100,000-file tree
     BENCH_SKIP_50K=1        skip the 50,000-file directory listing (native, aysfs, squashfuse)
     BENCH_AYSFSD="CMD"      run this instead of .venv/bin/aysfsd (A/B a patched daemon)
@@ -353,7 +354,7 @@ class Bench:
     def fuse_traced(self, key: str, peer: Peer, runs: int, fs: str = "") -> Iterator[None]:
         """Count the FUSE requests of `peer` while the row runs (BENCH_FUSE_TRACE); `fs`: the name
         in the table (default: the peer's)."""
-        if not self.trace or peer.name not in ("aysfs", "squashfuse"):
+        if not self.trace or not isinstance(peer, (Aysfs, Squashfuse)):
             yield
             return
         out: list[fusetrace.Trace] = []
@@ -366,9 +367,9 @@ class Bench:
 
     @contextlib.contextmanager
     def profiled(self, key: str, peer: Peer) -> Iterator[None]:
-        """py-spy record aysfsd during a row when BENCH_PROFILE names it."""
+        """py-spy record aysfsd during a row when BENCH_PROFILE names it (a remote row: `remote-KEY`)."""
         spy = Path(sys.executable).parent / "py-spy"
-        if key not in self.profile_rows or peer.name != "aysfs" or peer.proc is None or not spy.exists():
+        if key not in self.profile_rows or not isinstance(peer, Aysfs) or peer.proc is None or not spy.exists():
             yield
             return
         out = RESULTS_DIR / f"profile-{key}.txt"
@@ -386,6 +387,12 @@ class Bench:
             if p.poll() is None:
                 p.kill()
             log(f"  py-spy profile of aysfsd during {key}: {out}")
+
+    @contextlib.contextmanager
+    def remote_row(self, key: str, peer: Peer) -> Iterator[None]:
+        """What a remote row runs under: its FUSE trace and py-spy (BENCH_PROFILE=remote-KEY)."""
+        with self.profiled(f"remote-{key}", peer), self.fuse_traced(key, peer, 1, f"{peer.name} (link)"):
+            yield
 
     def measure(self, key: str, peer: Peer, fn: Callable[[Data, Peer], Check], runs: int = 1,
                 drop: bool = False) -> None:
@@ -714,7 +721,7 @@ def main() -> int:
         if rpeers:
             rb = remote.Remote(data, results, rpeers, {"find": do_find, "tar": do_tar, "app": do_app, "seq": do_seq},
                                content_check, COLD_RUNS, SLOW_COLD, REMOTE_CAP, log,
-                               traced=lambda key, peer: bench.fuse_traced(key, peer, 1, f"{peer.name} (link)"))
+                               traced=bench.remote_row)
             rb.run()
             rres = rb.results
             link_notes = rb.link_notes
