@@ -347,6 +347,7 @@ url = "{self.stor_url}"
 [[ays]]
 id = '{self.ays_id}'
 mnt = "{self.root}"
+{os.environ.get("BENCH_AYS_CONFIG", "")}
 """)
 
     def clear_cache(self) -> None:
