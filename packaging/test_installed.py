@@ -1011,7 +1011,9 @@ def upgrade(t: NspawnTarget, server: RepoServer, next_version: str) -> None:
          t.journal()[-2000:])
     pid = t.main_pid()
     old_py = (t.status() or {}).get("daemon", {}).get("version")
-    resumed = t.journal().count("resuming the FUSE session")
+    j0 = t.journal()
+    resumed = j0.count("resuming the FUSE session")
+    mounts0 = t.run(["grep", "-E", "fuse|aysfs", "/proc/self/mountinfo"]).stdout
     stop = f"{share}/reader.stop"
     t.run(["rm", "-f", stop])
     rd = t.popen(["/usr/bin/python3", f"{share}/test_installed.py", "reader", mnt, "big.bin", stop])
@@ -1048,7 +1050,9 @@ def upgrade(t: NspawnTarget, server: RepoServer, next_version: str) -> None:
             and j.count("resuming the FUSE session") > resumed,
             f"MainPID {pid} -> {t.main_pid()}; {json.dumps(st)}\n" + j[-2000:])
     R.check("upgrade: the reader kept its file open, read and listed with zero errors",
-            not counts["errors"] and counts["listings"] > 5 and counts["reads"] > 5, json.dumps(counts))
+            not counts["errors"] and counts["listings"] > 5 and counts["reads"] > 5,
+            json.dumps(counts) + "\nmounts before the upgrade (for a failure's diagnosis):\n" + mounts0
+            + "\njournal of the daemon before the upgrade (its end):\n" + j0[-4000:])
     r = t.run(["/usr/bin/python3", f"{share}/test_installed.py", "verify-tree", f"{share}/src", mnt])
     R.check("after the upgrade the mount serves the published tree", r.returncode == 0, out(r))
     fast_path(t, "after the upgrade ")
