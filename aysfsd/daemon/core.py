@@ -450,11 +450,12 @@ class Daemon:
                     log.info("SIGHUP: reloading")
                     await self.reload()
                 else:
-                    if sig == signal.SIGTERM and await handover.restart_pending():
-                        log.info("SIGTERM with a restart of the unit queued: handing the mounts over")
+                    restart, why = await handover.restart_pending() if sig == signal.SIGTERM else (False, "")
+                    if restart:
+                        log.info("SIGTERM with a restart of the unit queued (%s): handing the mounts over", why)
                         self.handover_mode = "exit"
                     else:
-                        log.info("%s: stopping", signal.Signals(sig).name)
+                        log.info("%s: stopping%s", signal.Signals(sig).name, f" ({why})" if why else "")
                     self._stop.set()
 
     def request_handover(self) -> str:

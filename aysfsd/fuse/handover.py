@@ -212,21 +212,28 @@ def own_unit() -> str:
     return ""
 
 
-async def restart_pending() -> bool:
-    """True when systemd stops us to start us again (`systemctl restart`, an upgrade's
-    restart): then the mounts are handed over, on a plain stop they are unmounted."""
+async def restart_pending() -> tuple[bool, str]:
+    """(True, why) when systemd stops us to start us again (`systemctl restart`, an upgrade's
+    restart): then the mounts are handed over, on a plain stop they are unmounted. `why` says
+    what systemd's job list showed (logged with the decision)."""
     import trio
 
     unit = own_unit()
     if not unit or not os.environ.get("NOTIFY_SOCKET"):
-        return False
+        return False, "not run by systemd"
+    seen = ""
     with trio.move_on_after(3):
-        r = await trio.run_process(["systemctl", "list-jobs", "--no-legend", "--plain", "--full", unit],
-                                   capture_stdout=True, capture_stderr=True, check=False)
-        for line in r.stdout.decode(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[1] == unit:
-                return parts[2] in ("restart", "try-restart", "reload-or-restart", "reload-or-try-restart")
-        return False
+        for _ in range(3):  # a job list without our job at all: asked again (bounded)
+            r = await trio.run_process(["systemctl", "list-jobs", "--no-legend", "--plain", "--full", unit],
+                                       capture_stdout=True, capture_stderr=True, check=False)
+            for line in r.stdout.decode(errors="replace").splitlines():
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] == unit:
+                    job = parts[2]
+                    return job in ("restart", "try-restart", "reload-or-restart", "reload-or-try-restart"), \
+                        f"systemd's job for {unit}: {job}"
+            seen = (r.stdout + r.stderr).decode(errors="replace").strip()[:200]
+            await trio.sleep(0.05)
+        return False, f"no job for {unit} in systemctl list-jobs ({seen or 'empty'})"
     log.warning("systemctl did not answer within 3 s: stopping for good")
-    return False
+    return False, "systemctl list-jobs did not answer within 3 s"
