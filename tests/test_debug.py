@@ -21,6 +21,7 @@ NAME = "devmount"
 @pytest.fixture
 def setup(work: Path, nginx_stor: Nginx, redis_server: Redis) -> tuple[Path, Path, Path]:
     src = sample_tree(work / "src", big_size=5 << 20)
+    (src / "lib" / "big_mod.py").write_bytes(b"# a module over 64 KiB\n" + b"X = 1\n" * 20_000)
     aysctl("publish", str(src), "--ays", AYS, "--stor", nginx_stor.url)
     cfg = work / "aysfs.toml"
     mnt = work / "mnt"
@@ -97,6 +98,22 @@ def test_write_matching_file_goes_to_redis(work: Path, setup: tuple[Path, Path, 
         assert (mnt / "lib" / "json" / "decoder.py").read_bytes() == new + b"Y = 2\n"
         assert not (mnt / "lib" / "new_mod.py").exists()
         assert (mnt / "lib" / "json" / "encoder.py").read_bytes() == (src / "lib/json/encoder.py").read_bytes()
+
+
+def test_rename_of_a_published_file_over_64_kib(work: Path, setup: tuple[Path, Path, Path],
+                                                redis_server: Redis) -> None:
+    """A rename records the file's whole published content (read from the tree, over 64 KiB)
+    under the new name, and the old name as deleted."""
+    src, cfg, mnt = setup
+    r = redis_server.client()
+    want = (src / "lib" / "big_mod.py").read_bytes()
+    assert len(want) > 65536
+    with Daemon(cfg, work / "d.log").start(wait_mounts=[mnt]):
+        os.rename(mnt / "lib" / "big_mod.py", mnt / "lib" / "big_mod2.py")
+        assert (mnt / "lib" / "big_mod2.py").read_bytes() == want
+        assert not (mnt / "lib" / "big_mod.py").exists()
+        assert r.hget(f"debug:files:{NAME}", md5(want)) == want
+        assert r.hget(f"debug:paths:{NAME}", "lib/big_mod.py") == b"deleted"
 
 
 def test_redis_down_then_back(work: Path, setup: tuple[Path, Path, Path], redis_server: Redis) -> None:

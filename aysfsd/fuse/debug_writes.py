@@ -26,6 +26,7 @@ from ..debug.overlay import DebugOverlay
 from ..debug.store import DebugStoreError, PathState
 from ..tiers import FetchError
 from ..tree.objects import KIND_DIR, KIND_FILE, Entry
+from .content import ContentReader
 from .guard import guarded
 from .nodes import MountPoint, Node, OpenFile
 
@@ -51,7 +52,7 @@ class DebugWrites:
     _child: Any
     _dir_of: Any
     _node_attr: Any
-    _read_tree: Any
+    content: ContentReader
     _debug_path: Any
     _debug_mtimes: dict[str, int]  # path -> mtime of an edited file (set up by Operations)
 
@@ -106,7 +107,8 @@ class DebugWrites:
         if size > MAX_DEBUG_FILE:
             raise pyfuse3.FUSEError(errno.EFBIG)
         try:
-            return await self._read_tree(OpenFile(node, node.entry), 0, size) if size else b""
+            # bytes, not a view: the whole content is recorded in Redis (a rename) or edited
+            return bytes(await self.content.read(OpenFile(node, node.entry), 0, size)) if size else b""
         except FetchError:
             raise pyfuse3.FUSEError(errno.EIO) from None
 

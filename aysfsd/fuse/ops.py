@@ -563,7 +563,7 @@ class Operations(DebugWrites, pyfuse3.Operations):
                 of.node.mount.count_eio("debug_store")
                 raise pyfuse3.FUSEError(errno.EIO)
             of.entry, of.dbg = of.node.tree_entry, None  # redis down: the published version
-        return await self._read_tree(of, off, size)
+        return await self.content.read(of, off, size)
 
     def _reader(self, ino: int) -> OpenFile:
         """no_open mode: what an open file would be, for the inode a READ names. Kept for files
@@ -578,9 +578,6 @@ class Operations(DebugWrites, pyfuse3.Operations):
         if node.dbg is None and node.entry.size > CHUNK_SIZE:
             self._readers[ino] = of
         return of
-
-    async def _read_tree(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
-        return await self.content.read(of, off, size)
 
     @guarded
     async def release(self, fh: int) -> None:
