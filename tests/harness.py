@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 MOUNT_TIMEOUT = 15.0
@@ -28,6 +30,24 @@ def aysctl(*args: str, check: bool = True, timeout: float = 120, env: dict[str, 
     if check and r.returncode != 0:
         raise AssertionError(f"aysctl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+@contextlib.contextmanager
+def traversable(path: str | Path) -> Iterator[None]:
+    """Let every uid traverse the directories above `path` while the block runs (a checkout in
+    `mktemp -d` is 0700: a test that runs the venv's aysctl as nobody could not reach it).
+    Only the execute bit for others is added, and only where missing; the modes come back after."""
+    changed: list[tuple[Path, int]] = []
+    try:
+        for d in reversed(Path(os.path.abspath(path)).parents):
+            mode = d.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                os.chmod(d, stat.S_IMODE(mode) | stat.S_IXOTH)
+                changed.append((d, stat.S_IMODE(mode)))
+        yield
+    finally:
+        for d, mode in reversed(changed):
+            os.chmod(d, mode)
 
 
 def mounted(path: str | Path) -> bool:

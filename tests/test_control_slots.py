@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from aysfsd.daemon import control
-from tests.harness import Daemon, aysctl, wait_for
+from tests.harness import Daemon, aysctl, traversable, wait_for
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
@@ -67,7 +67,7 @@ def open_daemon(work: Path, rundir: Path) -> Iterator[tuple[Daemon, Path]]:
 
 
 def test_idle_unprivileged_connections_cannot_deny_root(work: Path, rundir: Path) -> None:
-    with open_daemon(work, rundir) as (d, sock):
+    with open_daemon(work, rundir) as (d, sock), traversable(sys.executable):
         n = control.MAX_CLIENTS + 10
         hogs = [subprocess.Popen([*AS_NOBODY, sys.executable, "-c", HOG, str(sock), str(n), "30"],
                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
@@ -96,7 +96,7 @@ def test_idle_unprivileged_connections_cannot_deny_root(work: Path, rundir: Path
 
 
 def test_unprivileged_status_still_works(work: Path, rundir: Path) -> None:
-    with open_daemon(work, rundir) as (d, sock):
+    with open_daemon(work, rundir) as (d, sock), traversable(AYSCTL):
         wait_for(lambda: sock.exists(), 5, "the socket")
         r = subprocess.run([*AS_NOBODY, AYSCTL, "--socket", str(sock), "status", "--json"],
                            capture_output=True, text=True, timeout=30)
