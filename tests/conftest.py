@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import force_unmount_under
+from bench.slowlink import SlowLink
+from tests.harness import LINK_DELAY_MS, force_unmount_under
 from tests.servers import ForwardProxy
 
 
@@ -28,3 +29,13 @@ def stor_proxy() -> Iterator[ForwardProxy]:
     yield p
     p.shutdown()
     p.server_close()
+
+
+@pytest.fixture
+def stor_link(stor_proxy: ForwardProxy, tmp_path: Path) -> Iterator[SlowLink]:
+    """`stor_proxy` behind a simulated network link (bench/slowlink.py: 10 ms each way, one
+    round trip per new connection, 1 Gbit): a daemon given `proxy = stor_link.url` reaches its
+    stor as across a network, and `stor_proxy` still counts (and sees the concurrency of) what
+    it asks."""
+    with SlowLink(stor_proxy.server_address[1], tmp_path / "link", delay_ms=LINK_DELAY_MS) as link:
+        yield link

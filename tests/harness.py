@@ -19,6 +19,7 @@ MOUNT_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+LINK_DELAY_MS = 10.0  # each way of the tests' simulated link: a 20 ms round trip, as `make bench`'s remote rows
 
 
 def aysctl(*args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None,

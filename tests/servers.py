@@ -696,6 +696,8 @@ class ForwardProxy(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.seen: Counter[tuple[str, str, str]] = Counter()  # (method, host:port, path)
         self.lock = threading.Lock()
+        self.active = 0  # requests being relayed now
+        self.max_active = 0  # the most at once since the last reset
 
     @property
     def url(self) -> str:
@@ -713,8 +715,11 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if u.scheme != "http" or not u.netloc:
             self.send_error(400, "not a proxy request")
             return
-        with self.server.lock:
-            self.server.seen[(self.command, u.netloc, u.path)] += 1
+        srv = self.server
+        with srv.lock:
+            srv.seen[(self.command, u.netloc, u.path)] += 1
+            srv.active += 1
+            srv.max_active = max(srv.max_active, srv.active)
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else None
         conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=10)
@@ -728,6 +733,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         finally:
             conn.close()
+            with srv.lock:
+                srv.active -= 1
         self.send_response(r.status)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")

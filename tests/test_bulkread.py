@@ -14,6 +14,7 @@ from pathlib import Path
 from aysfsd.fuse.bulkread import CREDIT, RUN, WINDOW_BYTES
 from aysfsd.fuse.content import READAHEAD_CHUNKS
 from aysfsd.tree.objects import CHUNK_SIZE, decode_dir
+from bench.slowlink import SlowLink
 from tests.harness import stor_roots
 from tests.servers import ForwardProxy, Nginx
 from tests.test_tiers import AYS, config, publish, start, status
@@ -66,7 +67,9 @@ def wait_gets(p: ForwardProxy, packs: set[str], timeout: float = 10.0) -> set[st
 
 
 def test_a_bulk_reader_keeps_the_next_directories_in_flight(work: Path, nginx_stor: Nginx,
-                                                            stor_proxy: ForwardProxy) -> None:
+                                                            stor_proxy: ForwardProxy, stor_link: SlowLink) -> None:
+    """Across a network (the stor behind a simulated 20 ms link), where being in flight at once
+    is what keeps the link busy: the counting proxy sees the requests overlap."""
     big = 2_000_000  # so that WINDOW_BYTES holds a few directories, not all
     src = make_tree(work / "src", big)
     publish(src, nginx_stor.url)
@@ -74,10 +77,11 @@ def test_a_bulk_reader_keeps_the_next_directories_in_flight(work: Path, nginx_st
     assert all(len(v) == 2 for v in packs.values())
     everything = set().union(*packs.values())
     mnt = work / "mnt"
-    text = config(work / "d", [{"url": nginx_stor.url, "proxy": stor_proxy.url}], [{"id": AYS, "mnt": str(mnt)}])
+    text = config(work / "d", [{"url": nginx_stor.url, "proxy": stor_link.url}], [{"id": AYS, "mnt": str(mnt)}])
     with start(work, "d", text, [mnt]):
         assert meta_listing(mnt) == meta_listing(src)
         assert not pack_gets(stor_proxy, everything)  # a listing reads no file: no pack
+        stor_proxy.max_active = 0
         names = sorted(p.name for p in (src / "d00").iterdir())
         for n in names[:RUN]:  # a reader going through d00 in order
             assert (mnt / "d00" / n).read_bytes() == (src / "d00" / n).read_bytes()
@@ -89,6 +93,9 @@ def test_a_bulk_reader_keeps_the_next_directories_in_flight(work: Path, nginx_st
         got = wait_gets(stor_proxy, set().union(*ahead.values()))
         # more than one directory in flight before the reader enters any of them; not all
         assert got == set().union(*ahead.values()) and k > 1 and 1 + k < DIRS
+        # a directory is two blobs (its pack, its big file): three requests at once are more
+        # than one directory in flight
+        assert stor_proxy.max_active >= 3, stor_proxy.max_active
         assert not pack_gets(stor_proxy, packs[f"d{1 + k:02d}"])
         # going on through the tree: every pack is asked for once, and by the time the reader
         # gets to a directory its pack was asked for already (the window moved along)
@@ -99,7 +106,7 @@ def test_a_bulk_reader_keeps_the_next_directories_in_flight(work: Path, nginx_st
         assert pack_gets(stor_proxy, everything) == everything
         assert len(gets(stor_proxy)) == len(set(gets(stor_proxy)))  # nothing twice
         print(f"\nbulk read: {len(gets(stor_proxy))} GETs for {DIRS} directories of {FILES + 1} files; "
-              f"{status(work, 'd')['cache']['packs']} packs")
+              f"{status(work, 'd')['cache']['packs']} packs; at most {stor_proxy.max_active} in flight at once")
 
 
 def test_the_window_follows_a_bulk_reader_through_many_small_directories(work: Path, nginx_stor: Nginx,

@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from aysfsd.tree.objects import CHUNK_SIZE
 from aysfsd.tree.profile import DIR_INDEX, Item, Profile, ProfileError, decode
 from aysfsd.tree.ref import Ref, RefError, decode_ref, sign, verify
 from aysfsd.tree.signing import keygen, load_private
-from tests.harness import BIN, aysctl, sample_tree, stor_dir_objects, wait_for
+from bench.slowlink import SlowLink
+from tests.harness import BIN, LINK_DELAY_MS, aysctl, sample_tree, stor_dir_objects, wait_for
 from tests.servers import Nginx
 from tests.test_tiers import config, start, status
 
@@ -53,6 +55,13 @@ def stor(work: Path) -> Any:
     server = Nginx(work / "stor", work / "nginx", put=True, access_log=True).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def link(stor: Nginx, work: Path) -> Iterator[SlowLink]:
+    """The stor behind a simulated network link (20 ms round trip, as `make bench`'s remote rows)."""
+    with SlowLink(stor.port, work / "link", delay_ms=LINK_DELAY_MS) as slow:
+        yield slow
 
 
 def publish(src: Path, url: str, *extra: str) -> str:
@@ -169,13 +178,15 @@ def test_signed_ref_covers_the_profile(work: Path) -> None:
 
 
 def test_second_node_learns_the_profile_from_the_grid_and_fetches_in_its_order(
-        work: Path, tree: Path, stor: Nginx) -> None:
+        work: Path, tree: Path, stor: Nginx, link: SlowLink) -> None:
+    """Both nodes reach the stor across a simulated 20 ms link (the order is that of the
+    stor's access log, on the far side of it)."""
     root = publish(tree, stor.url)
     grid = work / "grid"
     grid.mkdir()
 
     def cfg(name: str, mnt: Path) -> str:
-        return config(work / name, [{"url": stor.url}], [{"id": AYS, "mnt": str(mnt)}],
+        return config(work / name, [{"url": link.url}], [{"id": AYS, "mnt": str(mnt)}],
                       [{"mnt": str(grid), "writable": True}], profile_idle=1)
 
     m1, m2 = work / "m1", work / "m2"
