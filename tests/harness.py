@@ -14,6 +14,7 @@ import sysconfig
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 MOUNT_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
@@ -339,3 +340,51 @@ def wait_blocked(p: subprocess.Popen[bytes]) -> None:
         return "request_wait_answer" in wchan or "folio_wait" in wchan or "wait_on_page" in wchan
 
     wait_for(blocked, 10, "the reader to block on the FUSE mount")
+
+
+# -- a daemon under test: its config, start and status; publishing to its stor -------------------
+
+AYS = "jumpscale|tiers!main"
+
+
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config(state: Path, stors: list[dict[str, object]], ays: list[dict[str, object]],
+           caches: list[dict[str, object]] | None = None, **main: object) -> str:
+    """A full config: daemon state under `state`; tables as dicts of (dotted) keys."""
+    m: dict[str, object] = {"cache_dir": f"{state}/cache", "control_socket": f"{state}/aysfsd.sock",
+                            "fuse_root": f"{state}/fuse", "fetch_timeout": 10}
+    m.update(main)
+    out = ["[main]"] + [f"{k} = {toml_value(v)}" for k, v in m.items()] + [""]
+    for name, tables in (("stor", stors), ("cache", caches or []), ("ays", ays)):
+        for t in tables:
+            out += [f"[[{name}]]"] + [f"{k} = {toml_value(v)}" for k, v in t.items()] + [""]
+    return "\n".join(out)
+
+
+def start(work: Path, name: str, text: str, mnts: list[Path]) -> Daemon:
+    cfg = work / f"{name}.toml"
+    cfg.write_text(text)
+    d = Daemon(cfg, work / f"{name}.log").start(wait_mounts=mnts)
+    wait_for(lambda: (work / name / "aysfsd.sock").exists(), 10, "the control socket")
+    return d
+
+
+def status(work: Path, name: str) -> dict[str, Any]:
+    return ctl(work / name / "aysfsd.sock", {"cmd": "status"})[-1]
+
+
+def publish(src: Path, stor: str, *extra: str) -> str:
+    return aysctl("publish", str(src), "--ays", AYS, "--stor", stor, *extra).stdout.split()[1]
+
+
+def blob_files(root: Path) -> dict[str, Path]:
+    """hash -> path of every blob under a stor/grid root (temp files excluded)."""
+    d = root / "blobs"
+    return {p.name: p for p in d.glob("*/*") if not p.name.startswith(".")} if d.is_dir() else {}

@@ -15,9 +15,8 @@ from aysfsd.fuse.bulkread import CREDIT, RUN, WINDOW_BYTES
 from aysfsd.fuse.content import READAHEAD_CHUNKS
 from aysfsd.tree.objects import CHUNK_SIZE, decode_dir
 from bench.slowlink import SlowLink
-from tests.harness import stor_roots
+from tests.harness import AYS, config, publish, start, status, stor_roots
 from tests.servers import ForwardProxy, Nginx
-from tests.test_tiers import AYS, config, publish, start, status
 from tests.test_treepacks import meta_listing
 
 DIRS = 12

@@ -21,9 +21,8 @@ import trio
 from aysfsd.stores import HttpStore, StoreError
 from aysfsd.stores.layout import blob_path
 from aysfsd.tree.objects import CHUNK_SIZE
-from tests.harness import pack_holding
+from tests.harness import blob_files, config, pack_holding, publish, start, status
 from tests.servers import Nginx
-from tests.test_tiers import blob_files, config, publish, start, status
 
 AYS = "jumpscale|tiers!main"
 

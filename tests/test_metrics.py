@@ -15,10 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aysfsd.tree.profile import decode
 from tests import test_profiles as profiles
-from tests.harness import Daemon, aysctl, ctl, wait_for
+from tests.harness import Daemon, aysctl, config, ctl, wait_for
+from tests.harness import start as start_named
 from tests.servers import Nginx, free_port
-from tests.test_tiers import config
-from tests.test_tiers import start as start_named
 
 AYS = "jumpscale|metrics!main"
 SIZE = 300 * 1024  # one blob: above the pack limit (128 KiB) and the sibling prefetch (256 KiB)

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Daemon, aysctl, wait_for
+from tests.harness import Daemon, aysctl, config, wait_for
 from tests.servers import Nginx, free_port
-from tests.test_tiers import config
 
 AYS = "jumpscale|probe!main"
 OTHER = "jumpscale|never-published!main"

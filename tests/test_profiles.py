@@ -22,9 +22,18 @@ from aysfsd.tree.profile import DIR_INDEX, Item, Profile, ProfileError, decode
 from aysfsd.tree.ref import Ref, RefError, decode_ref, sign, verify
 from aysfsd.tree.signing import keygen, load_private
 from bench.slowlink import SlowLink
-from tests.harness import BIN, LINK_DELAY_MS, aysctl, sample_tree, stor_dir_objects, wait_for
+from tests.harness import (
+    BIN,
+    LINK_DELAY_MS,
+    aysctl,
+    config,
+    sample_tree,
+    start,
+    status,
+    stor_dir_objects,
+    wait_for,
+)
 from tests.servers import Nginx
-from tests.test_tiers import config, start, status
 
 AYS = "jumpscale|profiles!main"
 # an "app start": files read in an order that is not the tree's (nested dirs, packed small

@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import lmdb
@@ -20,11 +19,16 @@ import pytest
 
 from aysfsd.tree.objects import CHUNK_SIZE
 from tests.harness import (
-    Daemon,
+    AYS,
     aysctl,
+    blob_files,
+    config,
     ctl,
     pack_holding,
+    publish,
     sample_tree,
+    start,
+    status,
     stor_dir_objects,
     stor_packs,
     stor_roots,
@@ -34,55 +38,11 @@ from tests.harness import (
 )
 from tests.servers import ForwardProxy, Nginx, Sshd
 
-AYS = "jumpscale|tiers!main"
 BIG = 5 * 1024 * 1024 + 4321  # two chunks
 EMPTY = hashlib.sha256(b"").hexdigest()  # an empty file is never read, so never fetched
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def config(state: Path, stors: list[dict[str, object]], ays: list[dict[str, object]],
-           caches: list[dict[str, object]] | None = None, **main: object) -> str:
-    """A full config: daemon state under `state`; tables as dicts of (dotted) keys."""
-    m: dict[str, object] = {"cache_dir": f"{state}/cache", "control_socket": f"{state}/aysfsd.sock",
-                            "fuse_root": f"{state}/fuse", "fetch_timeout": 10}
-    m.update(main)
-    out = ["[main]"] + [f"{k} = {toml_value(v)}" for k, v in m.items()] + [""]
-    for name, tables in (("stor", stors), ("cache", caches or []), ("ays", ays)):
-        for t in tables:
-            out += [f"[[{name}]]"] + [f"{k} = {toml_value(v)}" for k, v in t.items()] + [""]
-    return "\n".join(out)
-
-
-def start(work: Path, name: str, text: str, mnts: list[Path]) -> Daemon:
-    cfg = work / f"{name}.toml"
-    cfg.write_text(text)
-    d = Daemon(cfg, work / f"{name}.log").start(wait_mounts=mnts)
-    wait_for(lambda: (work / name / "aysfsd.sock").exists(), 10, "the control socket")
-    return d
-
-
-def status(work: Path, name: str) -> dict[str, Any]:
-    return ctl(work / name / "aysfsd.sock", {"cmd": "status"})[-1]
-
-
-def publish(src: Path, stor: str, *extra: str) -> str:
-    return aysctl("publish", str(src), "--ays", AYS, "--stor", stor, *extra).stdout.split()[1]
-
-
-def blob_files(root: Path) -> dict[str, Path]:
-    """hash -> path of every blob under a stor/grid root (temp files excluded)."""
-    d = root / "blobs"
-    return {p.name: p for p in d.glob("*/*") if not p.name.startswith(".")} if d.is_dir() else {}
 
 
 def read_set(stor: Path) -> set[str]:

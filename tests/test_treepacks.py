@@ -32,9 +32,8 @@ from aysfsd.tree.packs import (
     tree_path,
 )
 from bench.slowlink import SlowLink
-from tests.harness import tree_listing, wait_for
+from tests.harness import AYS, config, publish, start, status, tree_listing, wait_for
 from tests.servers import ForwardProxy, Nginx
-from tests.test_tiers import AYS, config, publish, start, status
 
 DEPTH = 12
 H = "ab" * 32
