@@ -35,10 +35,10 @@ from ..config import Config
 from ..debug.store import DebugStoreError
 from ..fuse.ops import MountPoint, Operations
 from ..fuse.progress import Progress
-from ..fuse.startwatch import StartWatch
 from ..tiers import Fetcher
 from ..tiers.local import LocalCache
 from . import logsetup
+from .mounts import Mounts
 
 log = logging.getLogger("aysfsd.daemon.control")
 
@@ -55,9 +55,11 @@ READ_ONLY = {"status"}
 
 
 class DaemonAPI(Protocol):
-    """What the control server needs of the daemon (daemon.Daemon implements it)."""
+    """What the control server needs of the daemon (daemon.Daemon implements it); a mount's purge
+    and profile recording it asks of the daemon's `mounts` (daemon.mounts.Mounts)."""
 
     ops: Operations
+    mounts: Mounts
     cache: LocalCache
     fetcher: Fetcher
     cfg: Config
@@ -67,10 +69,6 @@ class DaemonAPI(Protocol):
     async def reload(self) -> tuple[bool, str]: ...
 
     def request_handover(self) -> str: ...
-
-    async def purge_mount(self, mp: MountPoint) -> tuple[int, int]: ...
-
-    async def record_profile(self, mp: MountPoint, idle: float, timeout: float) -> StartWatch: ...
 
     def debug_log(self, mount: str | None, lines: int, follow: bool) -> AsyncIterator[dict[str, object]]: ...
 
@@ -289,7 +287,7 @@ class ControlServer:
     async def purge(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
         if req.get("ays"):
             mp = self._mount(req)
-            freed, n = await self.daemon.purge_mount(mp)
+            freed, n = await self.daemon.mounts.purge(mp)
         else:
             before = self.daemon.cache.stats().entries
             freed = await trio.to_thread.run_sync(self.daemon.cache.purge)
@@ -347,7 +345,7 @@ class ControlServer:
         idle = self._seconds(req, "idle", self.daemon.cfg.main.profile_idle, 3600)
         timeout = self._seconds(req, "timeout", 600, 86400)
         try:
-            w = await self.daemon.record_profile(mp, idle, timeout)
+            w = await self.daemon.mounts.record_profile(mp, idle, timeout)
         except LookupError as e:
             raise Refused("failed", str(e)) from None
         if not w.items:

@@ -1,4 +1,4 @@
-"""The daemon: one FUSE session, its mounts, reload, signals and systemd.
+"""The daemon: the process — one FUSE session, reload, signals, the control socket and systemd.
 
 Several mounts, one process, one FUSE session: each ays is a top-level directory
 of the session (mounted at `fuse_root`), bind-mounted onto its mountpoint. Chosen
@@ -11,14 +11,13 @@ reload only adds or removes bind mounts: an untouched mount is never restarted, 
 open files keep reading. The price: one crash takes every mount down (systemd restarts
 the daemon; the next start removes the stale mounts).
 
-The daemon asks `versions` which version a mount serves, runs its FUSE session through
-`session` (new, resumed or handed over) and reports through `status`.
+The daemon runs its FUSE session through `session` (new, resumed or handed over), its mounts
+through `mounts` (which asks `versions` which version each serves) and reports through `status`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -29,22 +28,20 @@ import pyfuse3
 import trio
 
 from .. import __version__
-from ..config import AysConfig, Config, ConfigError, load
-from ..debug.overlay import DebugOverlay
+from ..config import Config, ConfigError, load
 from ..debug.store import DebugStoreError
 from ..fuse import guard as fuseguard
-from ..fuse import handover, interrupts, profiles, sysmount
+from ..fuse import handover, interrupts, sysmount
 from ..fuse import lib as fuselib
 from ..fuse.ops import MountPoint, Operations
-from ..fuse.startwatch import StartWatch
 from ..metrics import MetricsEndpoint
 from ..stores import DirStore, LowSpeed, open_store
 from ..tiers import Fetcher, Source
 from ..tiers.local import LocalCache
-from ..tree.ref import Ref
 from . import notify
 from .control import ControlServer
 from .installed import installed_version, upgrade_note
+from .mounts import Mounts
 from .session import FuseSession, fuse_patched
 from .status import cache_status, mount_status, source_status, status_line
 from .versions import Versions
@@ -52,8 +49,6 @@ from .watch import watch_config
 
 log = logging.getLogger("aysfsd")
 
-RETRY_SECONDS = 5.0
-READ_AHEAD_KB = 4096  # one chunk: sequential reads come in large requests
 LOCAL_FLUSH_SECONDS = 10.0  # at a stop, the local cache's write queue is written for this long at most
 
 
@@ -101,159 +96,26 @@ class Daemon:
         self.fuse_root = cfg.main.fuse_root
         self._stop = trio.Event()
         self._reload_lock = trio.Lock()
-        self._checked: dict[str, float] = {}  # mount name -> monotonic time of the last ref check
-        self._retry: dict[str, trio.CancelScope] = {}
-        self.nursery: trio.Nursery | None = None
         self.started = time.time()
-        self._read_ahead_set = False
-        self._profile_scopes: dict[str, trio.CancelScope] = {}  # mount name -> its cold start's work
-        # the session's superblock is read-only until a debug mount needs writes: the kernel then
-        # keeps file attributes across reads (on a writable one every READ marks atime stale,
-        # and the next stat costs a GETATTR request per file)
-        self._session_ro = not any(a.debug for a in cfg.ays)
+        self.session = FuseSession(self.ops, self.fuse_root)
+        self.mounts = Mounts(lambda: self.cfg, self.ops, self.fetcher, self.cache, self.versions, self.session)
         # Kernel no_open/no_opendir mode (no OPEN, RELEASE, OPENDIR, READDIR once cached; see
         # aysfsd.fuse.ops) needs the patched pyfuse3 and is chosen per session, at its start: the kernel
         # cannot leave it. A session started with a debug mount keeps OPEN and RELEASE (its writes
         # are held per open file and recorded at close, errors reported by close()); a debug
         # mount added later by a reload records every write at once (aysfsd.fuse.debug_writes).
-        self.ops.no_open = fuse_patched() and self._session_ro
+        self.ops.no_open = fuse_patched() and self.mounts.session_ro
         self.debug_log = self._debug_log
         # restart without unmounting (aysfsd.fuse.handover): "" stop for good, "exit" leave the FUSE
         # connection in systemd's fd store, "exec" re-execute this program with it
         self.handover_mode = ""
         self.exec_fds: dict[str, int] = {}  # after run(): what to pass to the re-executed program
-        self.session = FuseSession(self.ops, self.fuse_root)
         self.metrics = MetricsEndpoint(self.status_dict)
-
-    async def refresh(self, mp: MountPoint) -> None:
-        try:
-            ref = await self.versions.resolve(mp)
-        except LookupError as e:
-            log.warning("mount %s: cannot check for a new version: %s", mp.name, e,
-                        extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
-            return
-        finally:
-            self._checked[mp.name] = time.monotonic()
-        if mp.ref is None or ref.root != mp.ref.root:
-            log.info("mount %s: version %s (revision %d)", mp.name, ref.root[:12], ref.revision,
-                     extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
-            cold = not self.cache.has(ref.root)
-            self.ops.set_ref(mp, ref)
-            if cold:
-                self.start_profile(mp, ref, self.arm_profile(mp, ref))
-
-    # -- mounts -------------------------------------------------------------------------------
-
-    async def start_mount(self, cfg: AysConfig) -> MountPoint:
-        """Add a mount; when its ref cannot be had yet, report it and retry in the background."""
-        mp = self.ops.add_mount(cfg)
-        try:
-            await self._bring_up(mp)
-        except Exception as e:
-            mp.state, mp.error = "error", str(e)
-            log.error("mount %s (%s) at %s failed: %s; retrying every %ss", mp.name, cfg.id, cfg.mnt, e,
-                      RETRY_SECONDS, extra={"AYSFS_MOUNT": mp.name, "AYS_ID": cfg.id})
-            assert self.nursery is not None
-            self.nursery.start_soon(self._retry_loop, mp)
-        return mp
-
-    async def _bring_up(self, mp: MountPoint) -> None:
-        try:
-            ref = await self.versions.resolve(mp)
-        except LookupError as e:
-            raise RuntimeError(f"no version of {mp.cfg.id!r} found: {e}") from None
-        self._checked[mp.name] = time.monotonic()
-        cold = not self.cache.has(ref.root)  # the version's first start on this node
-        self.ops.set_ref(mp, ref)
-        watch = self.arm_profile(mp, ref) if cold else None  # before the mount can be read
-        if watch is not None:
-            # the profile (and the tree, see profiles.cold_start) are looked for while the mount
-            # is bound: a reader right after the mount finds them on their way
-            self.start_profile(mp, ref, watch)
-        if mp.cfg.debug and self._session_ro:
-            await sysmount.remount_rw(self.fuse_root)
-            self._session_ro = False
-        if mp.cfg.debug and mp.overlay is None:
-            mp.overlay = DebugOverlay(mp.name, self.cfg.debug)
-            await mp.overlay.load()
-        # up before the bind returns: a reader that sees the mountpoint must not find the mount
-        # "starting" in status or metrics (the bind's thread returns after the kernel shows it)
-        mp.state, mp.error = "up", ""
-        if not (self.session.adopted and mp.name in self.session.adopted.mounts and sysmount.is_mounted(mp.cfg.mnt)):
-            if sysmount.is_mounted(mp.cfg.mnt):
-                pid = sysmount.owner(mp.cfg.mnt)
-                if pid is not None:
-                    raise RuntimeError(f"{mp.cfg.mnt} is mounted by the running aysfsd pid {pid}")
-                sysmount.cleanup_stale([mp.cfg.mnt])
-            await sysmount.bind(os.path.join(self.fuse_root, mp.name), mp.cfg.mnt, read_only=not mp.cfg.debug)
-        if not self._read_ahead_set:
-            # after FUSE INIT (a bind mount needed it), which caps read-ahead at the 128 KiB default
-            self._read_ahead_set = sysmount.set_read_ahead(self.fuse_root, READ_AHEAD_KB)
-        self.start_prefetch(mp)
-        log.info("mount %s: %s at %s, version %s", mp.name, mp.cfg.id, mp.cfg.mnt, ref.root[:12],
-                 extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
-
-    async def adopt_mount(self, cfg: AysConfig) -> None:
-        """A mount handed over by the previous process: it served on during the restart from the
-        version it had; its ref is checked again, its bind mount stays."""
-        assert self.session.adopted is not None
-        mp = self.ops.mounts[cfg.name]
-        old = self.session.adopted.old_mnt.get(cfg.name, "")
-        if old and os.path.normpath(old) != os.path.normpath(cfg.mnt) and sysmount.is_mounted(old):
-            await sysmount.unbind(old)  # the config moved it while we restarted
-        try:
-            await self._bring_up(mp)
-        except Exception as e:
-            if mp.ref is not None and sysmount.is_mounted(cfg.mnt):
-                log.warning("mount %s: serving the version it had (%s): %s", mp.name, mp.ref.root[:12], e,
-                            extra={"AYSFS_MOUNT": mp.name, "AYS_ID": cfg.id})
-                mp.state, mp.error = "up", ""
-                return
-            mp.state, mp.error = "error", str(e)
-            assert self.nursery is not None
-            self.nursery.start_soon(self._retry_loop, mp)
-
-    async def _retry_loop(self, mp: MountPoint) -> None:
-        with trio.CancelScope() as scope:
-            self._retry[mp.name] = scope
-            while mp.state == "error" and self.ops.mounts.get(mp.name) is mp:
-                await trio.sleep(RETRY_SECONDS)
-                try:
-                    await self._bring_up(mp)
-                except Exception as e:
-                    mp.state, mp.error = "error", str(e)
-        self._retry.pop(mp.name, None)
-
-    async def stop_mount(self, name: str, shutdown: bool = False) -> None:
-        mp = self.ops.mounts.get(name)
-        if mp is None:
-            return
-        scope = self._retry.pop(name, None)
-        if scope is not None:
-            scope.cancel()
-        was_up = mp.state == "up"
-        mp.state = "stopping"
-        if was_up:
-            try:
-                await sysmount.unbind(mp.cfg.mnt)
-            except sysmount.MountError as e:
-                log.error("mount %s: unmounting %s failed: %s", name, mp.cfg.mnt, e)
-        self.ops.remove_mount(name, notify_kernel=not shutdown)
-        scope = self._profile_scopes.pop(name, None)
-        if scope is not None:
-            scope.cancel()
-        if mp.watch is not None:
-            mp.watch.stop("replaced")
-        if mp.overlay is not None:
-            mp.overlay.close()
-        self._checked.pop(name, None)
-        log.info("mount %s: removed from %s", name, mp.cfg.mnt, extra={"AYSFS_MOUNT": name})
 
     # -- config -------------------------------------------------------------------------------
 
     async def apply(self, new: Config) -> None:
-        """Make the running mounts match `new`, leaving unchanged mounts alone."""
-        old_by_name = {a.name: a for a in self.cfg.ays} if new is not self.cfg else {}
+        """Run `new`: its sources and settings; the mounts made to match it (Mounts.apply)."""
         if (new.stors, new.caches) != (self.cfg.stors, self.cfg.caches):
             grid, stors = _sources(new)
             old = self.fetcher.grid + self.fetcher.stors
@@ -267,22 +129,7 @@ class Daemon:
         await self.metrics.configure(new.main.metrics_listen)
         self.cache.min_free = new.main.cache_min_free.bytes_of
         old_cfg, self.cfg = self.cfg, new
-        wanted = {a.name: a for a in new.ays}
-        debug_changed = new.debug != old_cfg.debug
-        for name in list(self.ops.mounts):
-            a = wanted.get(name)
-            mp = self.ops.mounts[name]
-            if a is None or (a.id, a.mnt, a.debug) != (mp.cfg.id, mp.cfg.mnt, mp.cfg.debug) or (
-                    a.debug and debug_changed):
-                await self.stop_mount(name)
-            elif a != mp.cfg:
-                mp.cfg = a  # cache flags only: no remount needed
-        async with trio.open_nursery() as n:  # at once: a reload waits one ref check's bound, not one per mount
-            for name, a in wanted.items():
-                if name not in self.ops.mounts:
-                    n.start_soon(self.start_mount, a)
-                elif name in old_by_name:
-                    n.start_soon(self.refresh, self.ops.mounts[name])
+        await self.mounts.apply(new, old_cfg)
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the config file; an invalid one keeps the running config."""
@@ -330,25 +177,6 @@ class Daemon:
             "mounts": [mount_status(mp) for mp in sorted(self.ops.mounts.values(), key=lambda m: m.name)],
         }
 
-    async def purge_mount(self, mp: MountPoint) -> tuple[int, int]:
-        """Drop the file blobs of a mount's current tree from the local cache (directory objects
-        stay: they are small and keep the mount usable offline). Open files refetch."""
-        if mp.ref is None:
-            return 0, 0
-        hashes: set[str] = set()
-        stack = [mp.ref.root]
-        while stack:
-            entries, _ = await self.ops.catalog.load_dir(stack.pop(), grid=mp.cfg.cache_grid)
-            for e in entries:
-                if e.kind == "d":
-                    stack.append(e.hash)
-                else:
-                    hashes.update(h for h, _ in e.blobs())
-        present = [h for h in hashes if self.cache.has(h)]
-        freed = await trio.to_thread.run_sync(self.cache.delete, present)
-        self.fetcher.memory.clear()
-        return freed, len(present)
-
     async def _debug_log(self, mount: str | None, lines: int, follow: bool) -> AsyncIterator[dict[str, object]]:
         """Debug transaction log entries (`debug:log:$mountname`) of one or every debug mount:
         the last `lines` of each, then (following) new ones as they are appended."""
@@ -381,60 +209,6 @@ class Daemon:
                            "path": path, "hash": md5, "message": f"{path} {md5 or 'removed'}"}
             first_round = False
 
-    def arm_profile(self, mp: MountPoint, ref: Ref) -> StartWatch | None:
-        """On a cold start of a version: watch it from its first need (see start_profile)."""
-        if mp.cfg.debug:
-            return None
-        return profiles.arm(self.fetcher, mp, ref, self.cfg.main.profile_idle)
-
-    def start_profile(self, mp: MountPoint, ref: Ref, watch: StartWatch | None) -> None:
-        """Use a startup profile for the version, or record one for the grid."""
-        if watch is None or self.nursery is None:
-            return
-        old = self._profile_scopes.pop(mp.name, None)
-        if old is not None:
-            old.cancel()
-        scope = self._profile_scopes[mp.name] = trio.CancelScope()
-        trusted = self.versions.trusted(mp)
-
-        async def job() -> None:
-            with scope:
-                try:
-                    await profiles.cold_start(self.ops.catalog, mp, ref, watch, trusted=trusted,
-                                              timeout=self.cfg.main.fetch_timeout)
-                except Exception:
-                    log.exception("mount %s: startup profile failed", mp.name,
-                                  extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})
-            if self._profile_scopes.get(mp.name) is scope:
-                del self._profile_scopes[mp.name]
-
-        self.nursery.start_soon(job)
-
-    async def record_profile(self, mp: MountPoint, idle: float, timeout: float) -> StartWatch:
-        """Record the mount's next start (from its next need until `idle` seconds without one)."""
-        if mp.ref is None:
-            raise LookupError(f"mount {mp.name} has no version yet")
-        w = StartWatch(mp.ref.root, idle=idle, timeout=timeout, first_wait=timeout, record=True)
-        if mp.watch is not None:
-            mp.watch.stop("replaced")
-        mp.watch = w
-        try:
-            await w.run()
-        finally:
-            w.stop("stopped")
-            if mp.watch is w:
-                mp.watch = None
-        return w
-
-    def start_prefetch(self, mp: MountPoint) -> None:
-        """Fill the tiers chosen by the mount's prefetch flags, in the background."""
-        if not (mp.cfg.prefetch_local or mp.cfg.prefetch_grid) or self.nursery is None:
-            return
-        from ..fuse import prefetch
-
-        self.nursery.start_soon(lambda: prefetch.run(self.ops.catalog, mp, local=mp.cfg.prefetch_local,
-                                                     grid=mp.cfg.prefetch_grid))
-
     def status_line(self) -> str:
         return status_line(list(self.ops.mounts.values()), self.status.config_error, self.metrics.error)
 
@@ -464,25 +238,6 @@ class Daemon:
         self._stop.set()
         return "re-executing aysfsd; the mounts stay and are served again in a moment"
 
-    async def _expiry_loop(self) -> None:
-        while True:
-            await trio.sleep(1.0)
-            exp = self.versions.expiration()
-            if math.isinf(exp):
-                continue
-            now = time.monotonic()
-            for mp in list(self.ops.mounts.values()):
-                if mp.state == "up" and now - self._checked.get(mp.name, now) >= exp:
-                    await self.refresh(mp)
-
-    async def _recheck_loop(self) -> None:
-        """Every RETRY_SECONDS, read again what made a mount degraded (see Operations.recheck_unreadable)."""
-        while True:
-            await trio.sleep(RETRY_SECONDS)
-            for mp in list(self.ops.mounts.values()):
-                if mp.state == "up" and mp.retryable_dirs():
-                    await self.ops.recheck_unreadable(mp)
-
     async def _watchdog(self, interval: float) -> None:
         while True:
             notify.notify("WATCHDOG=1")
@@ -496,7 +251,7 @@ class Daemon:
     async def run(self) -> None:
         options = set(pyfuse3.default_options)
         options |= {"fsname=" + sysmount.FSNAME, "subtype=aysfs", "allow_other", "default_permissions"}
-        if self._session_ro:
+        if self.mounts.session_ro:
             options.add("ro")
         self.session.start(options, self.cfg.ays)
         if interrupts.available():
@@ -509,7 +264,7 @@ class Daemon:
                  fuselib.summary(fuselib.describe()), self.session.mode(), intr, loop)
         try:
             async with trio.open_nursery() as n:
-                self.nursery = self.versions.nursery = n
+                self.mounts.nursery = self.versions.nursery = n
                 self.fetcher.nursery = n
                 n.start_soon(self.session.serve)
                 if interrupts.available():
@@ -519,15 +274,10 @@ class Daemon:
                 n.start_soon(self._signals)
                 await n.start(ControlServer(self, self.cfg.main.control_socket).serve)
                 await self.metrics.configure(self.cfg.main.metrics_listen)
-                async with trio.open_nursery() as starting:  # concurrently: READY does not wait on each in turn
-                    for a in self.cfg.ays:
-                        if self.session.adopted is not None and a.name in self.session.adopted.mounts:
-                            starting.start_soon(self.adopt_mount, a)
-                        else:
-                            starting.start_soon(self.start_mount, a)
+                await self.mounts.start_all(self.cfg.ays)
                 n.start_soon(watch_config, self.config_path, self.reload)
-                n.start_soon(self._expiry_loop)
-                n.start_soon(self._recheck_loop)
+                n.start_soon(self.mounts.expiry_loop)
+                n.start_soon(self.mounts.recheck_loop)
                 n.start_soon(self._flush_loop)
                 wd = notify.watchdog_interval()
                 if wd:
@@ -540,8 +290,7 @@ class Daemon:
                                                                  exec_fds=self.handover_mode == "exec")
                 else:
                     notify.notify("STOPPING=1")
-                    for name in list(self.ops.mounts):
-                        await self.stop_mount(name, shutdown=True)
+                    await self.mounts.stop_all()
                 # what was fetched stays: the blobs still queued for the local cache are written
                 # before the writer is cancelled (the next start may find the stors down)
                 with trio.move_on_after(LOCAL_FLUSH_SECONDS) as flushing:
