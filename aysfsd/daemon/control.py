@@ -264,7 +264,7 @@ class ControlServer:
         key = req.get("ays")
         if not isinstance(key, str) or not key:
             raise Refused("bad-request", '"ays" (an ays id or mount name) is required')
-        mounts = self.daemon.ops.mounts
+        mounts = self.daemon.ops.inodes.mounts
         if key in mounts:
             return mounts[key]
         for mp in mounts.values():

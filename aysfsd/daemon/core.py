@@ -104,7 +104,7 @@ class Daemon:
         # cannot leave it. A session started with a debug mount keeps OPEN and RELEASE (its writes
         # are held per open file and recorded at close, errors reported by close()); a debug
         # mount added later by a reload records every write at once (aysfsd.fuse.debug_writes).
-        self.ops.no_open = fuse_patched() and self.mounts.session_ro
+        self.ops.inodes.no_open = fuse_patched() and self.mounts.session_ro
         self.debug_log = self._debug_log
         # restart without unmounting (aysfsd.fuse.handover): "" stop for good, "exit" leave the FUSE
         # connection in systemd's fd store, "exec" re-execute this program with it
@@ -170,17 +170,17 @@ class Daemon:
                        "config": self.config_path, "config_error": self.status.config_error,
                        "reloads": self.status.reloads, "reload_failures": self.status.reload_failures,
                        "internal_errors": fuseguard.unexpected_errors, "metrics": self.metrics.public(),
-                       "pyfuse3": fuselib.describe(), "no_open": self.ops.no_open, "fuse_mode": self.session.mode(),
+                       "pyfuse3": fuselib.describe(), "no_open": self.ops.inodes.no_open, "fuse_mode": self.session.mode(),
                        "status": self.status_line()},
             "cache": cache_status(self.cache, self.fetcher.counters, self.fetcher.keeper.local_queue()),
             "sources": [source_status(s) for s in self.fetcher.grid + self.fetcher.stors],
-            "mounts": [mount_status(mp) for mp in sorted(self.ops.mounts.values(), key=lambda m: m.name)],
+            "mounts": [mount_status(mp) for mp in sorted(self.ops.inodes.mounts.values(), key=lambda m: m.name)],
         }
 
     async def _debug_log(self, mount: str | None, lines: int, follow: bool) -> AsyncIterator[dict[str, object]]:
         """Debug transaction log entries (`debug:log:$mountname`) of one or every debug mount:
         the last `lines` of each, then (following) new ones as they are appended."""
-        mounts = [m for m in self.ops.mounts.values() if m.overlay is not None and (not mount or m.name == mount)]
+        mounts = [m for m in self.ops.inodes.mounts.values() if m.overlay is not None and (not mount or m.name == mount)]
         if mount and not mounts:
             raise LookupError(f"no mount named {mount!r} in debug mode")
 
@@ -210,7 +210,7 @@ class Daemon:
             first_round = False
 
     def status_line(self) -> str:
-        return status_line(list(self.ops.mounts.values()), self.status.config_error, self.metrics.error)
+        return status_line(list(self.ops.inodes.mounts.values()), self.status.config_error, self.metrics.error)
 
     # -- main loop ----------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ READ_AHEAD_KB = 4096  # one chunk: sequential reads come in large requests
 
 
 class Mounts:
-    """The session's mounts, each from its start to its stop (the MountPoints are ops.mounts)."""
+    """The session's mounts, each from its start to its stop (the MountPoints are ops.inodes.mounts)."""
 
     def __init__(self, config: Callable[[], Config], ops: Operations, fetcher: Fetcher, cache: LocalCache,
                  versions: Versions, session: FuseSession) -> None:
@@ -138,7 +138,7 @@ class Mounts:
         """A mount handed over by the previous process: it served on during the restart from the
         version it had; its ref is checked again, its bind mount stays."""
         assert self.session.adopted is not None
-        mp = self.ops.mounts[cfg.name]
+        mp = self.ops.inodes.mounts[cfg.name]
         old = self.session.adopted.old_mnt.get(cfg.name, "")
         if old and os.path.normpath(old) != os.path.normpath(cfg.mnt) and sysmount.is_mounted(old):
             await sysmount.unbind(old)  # the config moved it while we restarted
@@ -157,7 +157,7 @@ class Mounts:
     async def _retry_loop(self, mp: MountPoint) -> None:
         with trio.CancelScope() as scope:
             self._retry[mp.name] = scope
-            while mp.state == "error" and self.ops.mounts.get(mp.name) is mp:
+            while mp.state == "error" and self.ops.inodes.mounts.get(mp.name) is mp:
                 await trio.sleep(RETRY_SECONDS)
                 try:
                     await self._bring_up(mp)
@@ -166,7 +166,7 @@ class Mounts:
         self._retry.pop(mp.name, None)
 
     async def stop(self, name: str, shutdown: bool = False) -> None:
-        mp = self.ops.mounts.get(name)
+        mp = self.ops.inodes.mounts.get(name)
         if mp is None:
             return
         scope = self._retry.pop(name, None)
@@ -192,7 +192,7 @@ class Mounts:
 
     async def stop_all(self) -> None:
         """At a stop (not a hand-over): every mount, one after the other."""
-        for name in list(self.ops.mounts):
+        for name in list(self.ops.inodes.mounts):
             await self.stop(name, shutdown=True)
 
     async def apply(self, new: Config, old: Config) -> None:
@@ -201,9 +201,9 @@ class Mounts:
         old_by_name = {a.name: a for a in old.ays} if new is not old else {}
         wanted = {a.name: a for a in new.ays}
         debug_changed = new.debug != old.debug
-        for name in list(self.ops.mounts):
+        for name in list(self.ops.inodes.mounts):
             a = wanted.get(name)
-            mp = self.ops.mounts[name]
+            mp = self.ops.inodes.mounts[name]
             if a is None or (a.id, a.mnt, a.debug) != (mp.cfg.id, mp.cfg.mnt, mp.cfg.debug) or (
                     a.debug and debug_changed):
                 await self.stop(name)
@@ -211,10 +211,10 @@ class Mounts:
                 mp.cfg = a  # cache flags only: no remount needed
         async with trio.open_nursery() as n:  # at once: a reload waits one ref check's bound, not one per mount
             for name, a in wanted.items():
-                if name not in self.ops.mounts:
+                if name not in self.ops.inodes.mounts:
                     n.start_soon(self.start, a)
                 elif name in old_by_name:
-                    n.start_soon(self.refresh, self.ops.mounts[name])
+                    n.start_soon(self.refresh, self.ops.inodes.mounts[name])
 
     async def purge(self, mp: MountPoint) -> tuple[int, int]:
         """Drop the file blobs of a mount's current tree from the local cache (directory objects
@@ -297,7 +297,7 @@ class Mounts:
             if math.isinf(exp):
                 continue
             now = time.monotonic()
-            for mp in list(self.ops.mounts.values()):
+            for mp in list(self.ops.inodes.mounts.values()):
                 if mp.state == "up" and now - self._checked.get(mp.name, now) >= exp:
                     await self.refresh(mp)
 
@@ -305,6 +305,6 @@ class Mounts:
         """Every RETRY_SECONDS, read again what made a mount degraded (see Operations.recheck_unreadable)."""
         while True:
             await trio.sleep(RETRY_SECONDS)
-            for mp in list(self.ops.mounts.values()):
+            for mp in list(self.ops.inodes.mounts.values()):
                 if mp.state == "up" and mp.retryable_dirs():
                     await self.ops.recheck_unreadable(mp)

@@ -76,21 +76,21 @@ class FuseSession:
         journal = StateJournal(state_fd)
         if resume is not None:
             self.adopted = restore(journal.lines(), ays, self.ops.catalog.cached_entries)
-            self.ops.adopt(self.adopted)
+            self.ops.inodes.adopt(self.adopted)
             log.info("resuming the FUSE session of the previous process: %d mounts, %d inodes, %d open files "
                      "(%d records skipped)", len(self.adopted.mounts), len(self.adopted.nodes),
                      len(self.adopted.open_files), self.adopted.skipped)
             for mnt in self.adopted.gone.values():
                 if mnt and sysmount.is_mounted(mnt):
                     sysmount.cleanup_stale([mnt])  # removed from the config while we restarted
-            journal.snapshot(self.ops.snapshot())
+            journal.snapshot(self.ops.inodes.snapshot())
         else:
             sysmount.cleanup_stale([self.fuse_root] + [a.mnt for a in ays])
             os.makedirs(self.fuse_root, mode=0o755, exist_ok=True)
-        self.ops.journal = journal
-        journal.compact = self.ops.snapshot
+        self.ops.inodes.journal = journal
+        journal.compact = self.ops.inodes.snapshot
         if resume is None:
-            journal.session(self.ops.no_open)  # a resumed session keeps its mode (see Operations.adopt)
+            journal.session(self.ops.inodes.no_open)  # a resumed session keeps its mode (see Inodes.adopt)
         if resume is not None:
             self.ops.on_init = resume.finish
             pyfuse3.init(self.ops, resume.mountpoint(), options)
@@ -114,17 +114,18 @@ class FuseSession:
             log.warning("requests still running after %.0fs: the next process gets them again",
                         scope.deadline - trio.current_time())
         await self.ops.save_pending_writes()  # debug mode: keep what was written so far
-        journal = self.ops.journal
+        inodes = self.ops.inodes
+        journal = inodes.journal
         assert isinstance(journal, StateJournal)
-        journal.snapshot(self.ops.snapshot())
-        log.info("handed over: %d inodes, %d open files", len(self.ops.nodes), len(self.ops.open_files))
+        journal.snapshot(inodes.snapshot())
+        log.info("handed over: %d inodes, %d open files", len(inodes.nodes), len(inodes.open_files))
         if exec_fds:
             return {handover.FUSE_FDNAME: os.dup(self.fd), handover.STATE_FDNAME: os.dup(journal.fd)}
         return {}
 
     def mode(self) -> str:
         """The kernel mode the FUSE session runs in, and why (log, `aysctl status`)."""
-        if self.ops.no_open:
+        if self.ops.inodes.no_open:
             return "no_open (kernel caches pages and listings: no OPEN/RELEASE/READDIR per file)"
         if self.adopted is not None and self.adopted.no_open is not None:
             return "open/release per file (the session resumed was started so)"

@@ -28,6 +28,7 @@ from ..tiers import FetchError
 from ..tree.objects import KIND_DIR, KIND_FILE, Entry
 from .content import ContentReader
 from .guard import guarded
+from .inodes import Inodes
 from .nodes import MountPoint, Node, OpenFile
 
 log = logging.getLogger("aysfsd.debug.overlay")
@@ -40,23 +41,20 @@ def _erofs() -> pyfuse3.FUSEError:
 
 
 class DebugWrites:
-    """Mixed into fs.Operations; uses its node table and helpers."""
+    """Mixed into fs.Operations; uses its node table (Inodes) and helpers."""
 
-    nodes: dict[int, Node]
-    mounts: dict[str, MountPoint]
-    open_files: dict[int, OpenFile]
-    no_open: bool
-    _writers: dict[int, OpenFile]  # no_open mode: the last recorded content by inode
-    _next_fh: int
-    _node: Any
-    _child: Any
+    inodes: Inodes
     _dir_of: Any
     _node_attr: Any
     content: ContentReader
-    _debug_path: Any
     _debug_mtimes: dict[str, int]  # path -> mtime of an edited file (set up by Operations)
 
     # -- helpers used by fs.Operations --------------------------------------------------------
+
+    def _debug_path(self, node: Node) -> bool:
+        """True for a path that debug mode lets the user edit on this node's mount."""
+        ov = node.mount.overlay
+        return ov is not None and ov.matches(node.path)
 
     def debug_entry(self, name: str, st: PathState, tree: Entry | None) -> Entry:
         mode = tree.mode if tree is not None else 0o644
@@ -76,10 +74,30 @@ class DebugWrites:
             if st is not None:
                 if st.deleted:
                     raise pyfuse3.FUSEError(errno.ENOENT)
-                return self._child(parent, self.debug_entry(name, st, tree), st, tree)
+                return self.inodes.child(parent, self.debug_entry(name, st, tree), st, tree)
         if tree is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._child(parent, tree)
+        return self.inodes.child(parent, tree)
+
+    async def _debug_entries(self, parent: Node) -> list[tuple[Entry, PathState | None, Entry | None]]:
+        """A directory's entries with the debug overlay applied: (entry, debug state, tree entry)."""
+        entries, _ = await self._dir_of(parent)
+        ov = parent.mount.overlay
+        if ov is None:
+            return [(e, None, None) for e in entries]
+        await ov.ensure_loaded()
+        out: list[tuple[Entry, PathState | None, Entry | None]] = []
+        prefix = parent.path + "/" if parent.path else ""
+        for e in entries:
+            st = ov.state(prefix + e.name)
+            if st is None or e.kind == KIND_DIR:
+                out.append((e, None, None))
+            elif not st.deleted:
+                out.append((self.debug_entry(e.name, st, e), st, e))
+        names = {e.name for e in entries}
+        for name, st in ov.new_children(parent.path, names):
+            out.append((self.debug_entry(name, st, None), st, None))
+        return out
 
     async def _debug_content(self, node: Node, st: PathState) -> bytes | None:
         """An edited file's bytes from Redis; None when Redis cannot give them."""
@@ -121,7 +139,7 @@ class DebugWrites:
 
     async def save_pending_writes(self) -> None:
         """Before a hand-over to the next process: record every written, unsaved buffer."""
-        for of in list(self.open_files.values()):
+        for of in list(self.inodes.open_files.values()):
             if of.dirty:
                 try:
                     await self._commit(of)
@@ -158,7 +176,7 @@ class DebugWrites:
                            ) -> tuple[Node, str, str, DebugOverlay, list[Entry], dict[str, int]]:
         """The directory, name, path and overlay for creating or removing `name`; EROFS unless
         debug mode lets this path be edited."""
-        parent = self._node(parent_inode)
+        parent = self.inodes.node(parent_inode)
         sname = name.decode("utf-8", "surrogateescape")
         path = f"{parent.path}/{sname}" if parent.path else sname
         if parent_inode == pyfuse3.ROOT_INODE or parent.entry.kind != KIND_DIR:
@@ -174,27 +192,28 @@ class DebugWrites:
 
     @guarded
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        if self.no_open:
+        if self.inodes.no_open:
             return await self._write_through(fh, off, buf)
-        of = self.open_files.get(fh)
+        of = self.inodes.open_files.get(fh)
         if of is None or of.buf is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         return self._apply(of, off, buf)
 
     async def _write_through(self, ino: int, off: int, buf: bytes) -> int:
         """no_open mode: a WRITE names the inode; the content is recorded right away."""
-        node = self._node(ino)
+        node = self.inodes.node(ino)
         if node.entry.kind != KIND_FILE or not self._debug_path(node):
             raise _erofs()
-        of = self._writers.get(ino)
+        writers = self.inodes.writers
+        of = writers.get(ino)
         if of is None or of.dbg is not node.dbg:  # first write, or changed since (truncate, rename)
             of = OpenFile(node, node.entry, dbg=node.dbg, buf=bytearray(await self._current_bytes(node)))
-            self._writers[ino] = of
+            writers[ino] = of
         n = self._apply(of, off, buf)
         try:
             await self._commit(of)
         except pyfuse3.FUSEError:
-            self._writers.pop(ino, None)  # its buffer holds what was not recorded
+            writers.pop(ino, None)  # its buffer holds what was not recorded
             raise
         return n
 
@@ -212,12 +231,12 @@ class DebugWrites:
 
     @guarded
     async def flush(self, fh: int) -> None:
-        if self.no_open:
+        if self.inodes.no_open:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # writes are recorded as they come: nothing to flush
-        of = self.open_files.get(fh)
+        of = self.inodes.open_files.get(fh)
         if of is not None and of.dirty:
             await self._commit(of)
-        elif of is not None and of.buf is None and not any(m.overlay for m in self.mounts.values()):
+        elif of is not None and of.buf is None and not any(m.overlay for m in self.inodes.mounts.values()):
             # No mount is in debug mode: ENOSYS tells the kernel to stop sending FLUSH on every
             # close (a round trip per file read). Should a debug mount come later by reload, its
             # writes are still recorded at release; only close() no longer reports their errors.
@@ -225,9 +244,9 @@ class DebugWrites:
 
     @guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
-        if self.no_open:
+        if self.inodes.no_open:
             return  # recorded at every write
-        of = self.open_files.get(fh)
+        of = self.inodes.open_files.get(fh)
         if of is not None and of.dirty:
             await self._commit(of)
 
@@ -242,16 +261,14 @@ class DebugWrites:
         ov.states[path] = st
         self._touch_debug(path)
         entry = replace(self.debug_entry(sname, st, tree), mode=mode & 0o7777)
-        node = self._child(parent, entry, st, tree)
+        node = self.inodes.child(parent, entry, st, tree)
         node.lookups += 1
         of = OpenFile(node, node.entry, dbg=st, buf=bytearray(), dirty=True)
-        if self.no_open:
+        if self.inodes.no_open:
             # no RELEASE will come: recorded now, and the writes name the inode (handle 0)
             await self._commit(of)
             return pyfuse3.FileInfo(fh=0, keep_cache=False), self._node_attr(node)
-        fh = self._next_fh
-        self._next_fh += 1
-        self.open_files[fh] = of
+        fh = self.inodes.new_fh(of)  # a written file: not journaled
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._node_attr(node)
 
     @guarded
@@ -273,13 +290,13 @@ class DebugWrites:
     @guarded
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self._node(inode)
+        node = self.inodes.node(inode)
         if inode == pyfuse3.ROOT_INODE or node.entry.kind != KIND_FILE or not self._debug_path(node):
             raise _erofs()
         if fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)  # everything is root:root
         if fields.update_size:
-            of = self.open_files.get(fh) if fh is not None else None
+            of = self.inodes.open_files.get(fh) if fh is not None else None
             temp = of is None or of.buf is None
             if of is None or of.buf is None:
                 of = OpenFile(node, node.entry, dbg=node.dbg, buf=bytearray(await self._current_bytes(node)))
@@ -305,7 +322,7 @@ class DebugWrites:
                      ctx: pyfuse3.RequestContext) -> None:
         if flags:
             raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE / NOREPLACE: not supported
-        po, pn = self._node(parent_old), self._node(parent_new)
+        po, pn = self.inodes.node(parent_old), self.inodes.node(parent_new)
         if pyfuse3.ROOT_INODE in (parent_old, parent_new) or po.mount is not pn.mount:
             raise _erofs()
         so = name_old.decode("utf-8", "surrogateescape")
@@ -343,7 +360,7 @@ class DebugWrites:
     @guarded
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         if mode & os.W_OK:
-            node = self.nodes.get(inode)
+            node = self.inodes.nodes.get(inode)
             if node is None or not self._debug_path(node):
                 raise _erofs()
         return True

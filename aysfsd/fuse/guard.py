@@ -37,7 +37,7 @@ def guarded(fn: F) -> F:
             log.exception("unexpected error in %s%r", fn.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            ops.journal.flush()  # never raises
+            ops.inodes.journal.flush()  # never raises
 
     return wrapper  # type: ignore[return-value]
 

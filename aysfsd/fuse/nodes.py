@@ -103,7 +103,7 @@ class Node:
     dbg: PathState | None = None  # debug mode: the edited version this node shows
     tree_entry: Entry | None = None  # debug mode: the published entry under an edited one
     siblings_fetched: bool = False  # a directory whose small files were fetched together
-    ino_base: int = 0  # a listed directory: entry i's inode number is ino_base + i (see Operations._ino_base)
+    ino_base: int = 0  # a listed directory: entry i's inode number is ino_base + i (see Inodes.ino_base)
 
 
 @dataclass(slots=True)

@@ -104,7 +104,7 @@ class LocalCache:
         """`fn` returns hashes that open readers are using: never evicted.
 
         It is called from worker threads during eviction, so it must only read
-        (Operations.pinned_blobs copies the open-file table in one C-level step)."""
+        (Inodes.pinned_blobs copies the open-file table in one C-level step)."""
         self._pinned = fn
 
     def close(self) -> None:
