@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PKGS := fuse3 libfuse3-dev pkg-config libsystemd-dev gcc python3-dev python3-venv \
-	nginx-light redis-server openssh-server openssh-client util-linux
+	nginx-light redis-server openssh-server openssh-client util-linux python3-pyfuse3
 
 .PHONY: setup deps demo test lint typecheck unit bench bench-deps clean
 
