@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aysfsd.fuse.bulkread import CREDIT, RUN, WINDOW_BYTES
 from aysfsd.fuse.content import READAHEAD_CHUNKS
-from aysfsd.tree.objects import CHUNK_SIZE, decode_dir
+from aysfsd.tree.objects import CHUNK_SIZE, KIND_DIR, KIND_FILE, decode_dir
 from bench.slowlink import SlowLink
 from tests.harness import AYS, config, publish, start, status, stor_roots
 from tests.servers import ForwardProxy, Nginx
@@ -171,6 +171,62 @@ def test_listing_and_reads_out_of_order_fetch_no_other_directory(work: Path, ngi
         st = status(work, "d")
         stor_bytes = st["mounts"][0]["bytes_by_tier"]["stor"]
         assert stor_bytes == sum(len(blob(nginx_stor.root, h)) for h in read)  # the three packs, nothing else
+
+
+def dir_packs_at(stor: Path, *path: str) -> dict[str, str]:
+    """Directory name -> its one file pack, for the directories at `path` (from the root) that hold files."""
+    h = next(iter(stor_roots(stor)))
+    for name in path:
+        h = next(e.hash for e in decode_dir(blob(stor, h), h) if e.name == name)
+    out = {}
+    for e in decode_dir(blob(stor, h), h):
+        if e.kind == KIND_DIR:
+            packs = {x.pack for x in decode_dir(blob(stor, e.hash), e.hash) if x.kind == KIND_FILE}
+            if packs:  # (a directory of directories has none)
+                assert len(packs) == 1 and "" not in packs, (e.name, packs)
+                out[e.name] = packs.pop()
+    return out
+
+
+def test_a_small_package_read_whole_is_not_a_bulk_walk_two_in_a_row_are(work: Path, nginx_stor: Nginx,
+                                                                       stor_proxy: ForwardProxy) -> None:
+    """An import reads a small package whole, in name order (tomllib: four modules): alone,
+    that starts no walk (`make bench`'s app start had fetched ~1.1 MB of the directories after
+    tomllib). A reader going through two small directories whole, one straight after the
+    other, is a bulk reader: the directories after them are asked for before it enters them."""
+    rnd = random.Random(13)
+    src = work / "src"
+    layout = {"pkg": RUN, "big": 3 * RUN, **{f"t/s{i}": 2 for i in range(6)}}
+    for d, n in layout.items():
+        for f in range(n):
+            p = src / d / f"m{f}.py"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(rnd.randbytes(700))
+    publish(src, nginx_stor.url)
+    top = dir_packs_at(nginx_stor.root)
+    small = dir_packs_at(nginx_stor.root, "t")
+    everything = {*top.values(), *small.values()}
+    mnt = work / "mnt"
+
+    def read(d: str, names: list[str]) -> None:
+        for n in names:
+            assert (mnt / d / n).read_bytes() == (src / d / n).read_bytes()
+
+    text = config(work / "d", [{"url": nginx_stor.url, "proxy": stor_proxy.url}], [{"id": AYS, "mnt": str(mnt)}])
+    with start(work, "d", text, [mnt]):
+        read("big", ["m5.py"])  # a module of a bigger package
+        read("pkg", [f"m{f}.py" for f in range(RUN)])  # a small package, whole, in name order
+        read("big", ["m2.py"])
+        read("t/s0", ["m0.py", "m1.py"])  # another one, whole, but not straight after the first
+        time.sleep(0.5)  # anything a walk would have asked for would be on its way
+        assert pack_gets(stor_proxy, everything) == {top["big"], top["pkg"], small["s0"]}
+        read("t/s1", ["m0.py", "m1.py"])  # straight after s0, whole: a bulk reader
+        later = {small[f"s{i}"] for i in range(2, 6)}
+        assert later <= wait_gets(stor_proxy, later)  # asked for before the reader enters them
+        for i in range(2, 6):
+            read(f"t/s{i}", ["m0.py", "m1.py"])
+        assert pack_gets(stor_proxy, everything) == everything
+        assert len(gets(stor_proxy)) == len(set(gets(stor_proxy)))  # nothing twice
 
 
 def test_a_sequential_reader_has_readahead_chunks_asked_for_ahead_not_more(work: Path, nginx_stor: Nginx,

@@ -3,19 +3,24 @@
 Such a reader goes through a directory's files in name order, every one, then on to the next
 directory in walk order (depth first, name order). Seen from the daemon, that is a run of
 first reads of a directory's files each the next one in name order (no file skipped). After
-RUN such reads (or every file of a smaller directory, shortly after a full run elsewhere:
-CREDIT such directories), a walk starts there: what the directories that come next in walk
-order hold (their file packs, and their files too big for a pack, one blob each) and the rest
-of this directory's files too big for a pack are requested, directory after directory, until
-WINDOW_BYTES are asked for ahead of the reader (or WINDOW_DIRS directories; chunked files are
-left to the sequential read-ahead). Each planned directory the reader then enters (its first
-read of a file there) is the walk going on: what it holds no longer counts as ahead, and the
-window is topped up from where it stopped, so the link carries the next directories' bytes,
-however small they are, instead of waiting for the reader to ask, directory by directory.
+RUN such reads in a directory of more than RUN files, a walk starts there. A smaller
+directory read whole starts one only shortly after such a walk (CREDIT such directories), or
+when it has two files or more and the reader came into it straight from another such
+directory it had read whole: an import reads a small package whole too, but seldom two one
+after the other (and a single file read shows no order). The walk: what the directories that
+come next in walk order hold (their file packs, and their files too big for a pack, one blob
+each) and the rest of this directory's files too big for a pack are requested, directory
+after directory, until WINDOW_BYTES are asked for ahead of the reader (or WINDOW_DIRS
+directories; chunked files are left to the sequential read-ahead). Each planned directory the
+reader then enters (its first read of a file there) is the walk going on: what it holds no
+longer counts as ahead, and the window is topped up from where it stopped, so the link
+carries the next directories' bytes, however small they are, instead of waiting for the
+reader to ask, directory by directory.
 
-`find` reads no file and an application start reads some files of a directory, out of order,
-skipping most: neither makes a run, so neither starts a walk nor is made to download what it
-does not read; a walk the reader leaves asks for nothing more than its window.
+`find` reads no file, and an application start reads some files of a directory, out of
+order, skipping most, or a small package whole here and there: neither makes a run, so
+neither starts a walk nor is made to download what it does not read; a walk the reader leaves
+asks for nothing more than its window.
 """
 
 from __future__ import annotations
@@ -42,9 +47,16 @@ GAP = 64  # entries looked at between two reads (a longer jump is not "the next 
 @dataclass(slots=True)
 class _Run:
     need: int  # run length that starts a walk (RUN, or every file of a smaller directory)
+    small: bool  # at most RUN files: the run is the whole directory
+    after_whole: bool  # the reader came here straight from a small directory it read whole, in order
     last: int = -1  # entry index of the last file read
     length: int = 0
-    moved: bool = False  # a walk was started from here
+    moved: bool = False  # the run reached `need` (a walk was started from here, or could have been)
+
+    @property
+    def read_whole(self) -> bool:
+        """Every file of a small directory read in name order (two at least: one read shows no order)."""
+        return self.small and self.need >= 2 and self.length >= self.need
 
 
 class _Cursor:
@@ -107,6 +119,7 @@ class BulkWindow:
         self._runs: OrderedDict[int, _Run] = OrderedDict()  # by directory inode
         self._credit: dict[str, int] = {}  # by mount: small directories that may still start a walk
         self._walks: dict[str, _Walk] = {}  # by mount: its bulk reader's walk
+        self._last: dict[str, int] = {}  # by mount: the directory (inode) of the last first read
         self.moves = 0  # walks started and topped up (status, tests)
 
     def first_read(self, node: Node) -> None:
@@ -125,10 +138,15 @@ class BulkWindow:
         i = index.get(node.entry.name)
         if i is None:
             return
+        mount = node.mount.name
+        came_from = self._last.get(mount)
+        self._last[mount] = parent.ino
         run = self._runs.get(parent.ino)
         if run is None:
             files = sum(1 for e in entries if e.kind == KIND_FILE and e.size)
-            run = self._runs[parent.ino] = _Run(need=min(RUN, files))
+            before = self._runs.get(came_from) if came_from is not None else None
+            run = self._runs[parent.ino] = _Run(need=min(RUN, files), small=files <= RUN,
+                                                after_whole=before is not None and before.read_whole)
             if len(self._runs) > TRACKED:
                 self._runs.popitem(last=False)
         self._runs.move_to_end(parent.ino)
@@ -145,12 +163,12 @@ class BulkWindow:
         run.moved = True
         if walk is not None and not walk.ended and (walk.start is parent or parent.entry.hash in walk.passed):
             return  # a directory of the walk under way
-        if run.need < RUN:  # every file of a small directory: a walk only if one is under way
-            if self._credit.get(node.mount.name, 0) <= 0:
+        if run.small and not (run.after_whole and run.read_whole):  # a walk only if one is under way
+            if self._credit.get(mount, 0) <= 0:
                 return
-            self._credit[node.mount.name] -= 1
+            self._credit[mount] -= 1
         else:
-            self._credit[node.mount.name] = CREDIT
+            self._credit[mount] = CREDIT
         self.fetcher.nursery.start_soon(self._start, parent, i)
 
     def _entered(self, walk: _Walk, h: str) -> None:
