@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from aysfsd.tiers.local import LocalCache
+from aysfsd.tiers.scrub import scrub
 
 MiB = 1024 * 1024
 
@@ -50,9 +51,9 @@ def test_min_free_is_kept_and_newest_blobs_stay(tmpfs: Path) -> None:
         lowest = min(lowest, free_bytes(tmpfs))
     assert stored == len(blobs)  # every put was stored: old blobs made room
     assert lowest >= keep - 2 * MiB, f"free fell to {lowest}"
-    assert c.state == "ok" and c.evicted_blobs > 50
+    assert c.room.state == "ok" and c.evicted_blobs > 50
     assert all(c.get(h) == d for h, d in blobs[-10:])  # the newest are there, whole
-    assert c.verify() == (c.stats().entries, [])
+    assert scrub(c) == (c.stats().entries, [])
     c.close()
 
 
@@ -67,7 +68,7 @@ def test_enospc_evicts_retries_then_serves_from_memory(tmpfs: Path) -> None:
         got = c.get(h)
         assert got is None or got == d  # ... and never holds part of a blob
         assert got is None or ok  # what it holds, it said it stored
-    assert c.verify()[1] == []
+    assert scrub(c)[1] == []
     c.close()
 
 
@@ -86,10 +87,10 @@ def test_full_disk_memory_state_and_back(tmpfs: Path) -> None:
             pass
     h1, d1 = blob(1, 100 * 1024)
     assert c.put(h1, d1) is False and c.get(h1) is None
-    assert c.state == "memory" and "less than cache_min_free (1.0 MiB)" in c.state_reason
+    assert c.room.state == "memory" and "less than cache_min_free (1.0 MiB)" in c.room.reason
     filler.unlink()
     assert c.put(h1, d1) is True and c.get(h1) == d1  # room again: stored at once
-    assert c.state == "ok"
+    assert c.room.state == "ok"
     c.close()
 
 

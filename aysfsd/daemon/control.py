@@ -37,6 +37,7 @@ from ..fuse.ops import MountPoint, Operations
 from ..fuse.progress import Progress
 from ..tiers import Fetcher
 from ..tiers.local import LocalCache
+from ..tiers.scrub import scrub
 from . import logsetup
 from .mounts import Mounts
 
@@ -295,7 +296,7 @@ class ControlServer:
         return {"freed_bytes": freed, "blobs": n}
 
     async def verify(self, req: dict[str, Any], event: Any) -> dict[str, Any]:
-        checked, bad = await trio.to_thread.run_sync(self.daemon.cache.verify)
+        checked, bad = await trio.to_thread.run_sync(scrub, self.daemon.cache)
         for h in bad:
             log.error("local cache: blob %s was corrupt on disk: dropped", h, extra={"BLOB": h})
         self.daemon.fetcher.memory.clear()

@@ -127,7 +127,7 @@ class Daemon:
             set_low_speed(new, self.fetcher.grid, self.fetcher.stors)  # [main]'s may have changed
         self.fetcher.timeout = new.main.fetch_timeout
         await self.metrics.configure(new.main.metrics_listen)
-        self.cache.min_free = new.main.cache_min_free.bytes_of
+        self.cache.room.min_free = new.main.cache_min_free.bytes_of
         old_cfg, self.cfg = self.cfg, new
         await self.mounts.apply(new, old_cfg)
 

@@ -29,10 +29,10 @@ def cache_status(cache: LocalCache, k: Counters, queue: tuple[int, int]) -> dict
     """`queue`: (blobs, bytes) fetched and still waiting for their LMDB write."""
     c = cache.stats()
     try:
-        fs_free, fs_size, min_free = cache.disk()
+        fs_free, fs_size, min_free = cache.room.disk()
     except OSError:
         fs_free = fs_size = min_free = -1
-    return {"dir": cache.path, "state": cache.state, "reason": cache.state_reason,
+    return {"dir": cache.path, "state": cache.room.state, "reason": cache.room.reason,
             "fs_free": fs_free, "fs_size": fs_size, "min_free": min_free,
             "entries": c.entries, "bytes": c.bytes, "limit": c.limit,
             "hits": k.hits, "misses": k.misses, "memory_hits": k.memory_hits,

@@ -13,20 +13,14 @@ so the committed size never exceeds the bound. Blobs in use by open files (`set_
 are never evicted; when they alone fill the cache, new blobs are not stored (the
 fetcher then serves them from memory).
 
-The cache also follows its filesystem (`min_free`: bytes to keep free there). LMDB's file
-never shrinks, but pages freed by an eviction are reused: so while a put would leave less
-than `min_free` free, least-recently-used blobs are evicted first (their own transaction,
-then a small one, so that their pages are reusable: LMDB reuses pages freed two transactions
-back), and the file does not grow. When a commit fails anyway (ENOSPC arrives from LMDB as
-EIO), the cache evicts and retries once, then stops storing ("memory" state, with the
-reason; the fetcher keeps blobs in memory) and tries again after RETRY_SECONDS or as soon
-as the filesystem has room. A failed commit leaves the last committed state: never part of
-a blob.
+The cache also follows its filesystem (`min_free`: bytes to keep free there), see
+aysfsd.tiers.room: a put asks its Room first, and a commit that fails (ENOSPC arrives from LMDB
+as EIO) is retried once after evicting, then the room puts the cache in its "memory" state. A
+failed commit leaves the last committed state: never part of a blob.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
@@ -37,13 +31,13 @@ from dataclasses import dataclass
 
 import lmdb
 
+from .room import PAGE_SLACK, Room, mib
+
 log = logging.getLogger("aysfsd.tiers.local")
 
 _U64 = struct.Struct("<Q")
 _SIZE_KEY = b"size"
 LOW_WATER = 0.9  # evict down to this fraction of the bound
-RETRY_SECONDS = 30.0  # after a failed write, blobs go to memory only for this long
-PAGE_SLACK = 64 * 1024  # LMDB pages a put needs besides the blob (tree, free list)
 # A blob larger than the headroom between the bound and the low-water mark (10% of the
 # bound, `max_blob`) is not stored: keeping it would evict a large share of the cache for
 # one blob, and a tiny cache would evict everything for every 4 MiB chunk read (thrashing).
@@ -60,10 +54,6 @@ class CacheStats:
     evicted_bytes: int
 
 
-def _mib(n: int) -> str:
-    return f"{n / 1048576:.1f} MiB"
-
-
 def _key(h: str) -> bytes:
     return bytes.fromhex(h)
 
@@ -76,11 +66,7 @@ class LocalCache:
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
         self.limit = limit
-        self.min_free = min_free  # filesystem size -> bytes to keep free on it
-        self.state = "ok"  # or "memory": not storing blobs for now (reason in state_reason)
-        self.state_reason = ""
-        self._retry_at = 0.0  # monotonic time when storing is tried again after a failed write
-        self._space_problem = False  # the "memory" state is for want of space (ends when there is room)
+        self.room = Room(path, self, min_free)
         self.max_blob = limit - self._low_water(0)  # 10% of the bound
         # map_size is address space only; leave room for LMDB's own pages and free list.
         if map_size is None:
@@ -169,45 +155,7 @@ class LocalCache:
             v = txn.get(_SIZE_KEY, db=self.meta)
         return CacheStats(n, _U64.unpack(v)[0] if v else 0, self.limit, self.evicted_blobs, self.evicted_bytes)
 
-    # -- the filesystem -------------------------------------------------------------------------
-
-    def disk(self) -> tuple[int, int, int]:
-        """(bytes free for us, filesystem size, bytes to keep free) of the cache's filesystem."""
-        st = os.statvfs(self.path)
-        total = st.f_blocks * st.f_frsize
-        return st.f_bavail * st.f_frsize, total, self.min_free(total)
-
-    def _set_state(self, state: str, reason: str = "") -> None:
-        if state == self.state:
-            self.state_reason = reason or self.state_reason
-            return
-        self.state, self.state_reason = state, reason
-        if state == "ok":
-            log.warning("local cache %s: storing blobs again (%s)", self.path, reason)
-        else:
-            log.error("local cache %s: %s; serving new blobs from memory, trying again in %ds or when "
-                      "there is room", self.path, reason, RETRY_SECONDS)
-
-    def _room_for(self, need: int) -> bool:
-        """Make sure a write of `need` blob bytes leaves `min_free` free, evicting LRU blobs
-        when LMDB has too few free pages for it (then its file would grow). False when it
-        cannot (then nothing should be stored)."""
-        free, total, keep = self.disk()
-        short = keep - (free - need - PAGE_SLACK)
-        if self.state != "ok" and time.monotonic() < self._retry_at and (short > 0 or not self._space_problem):
-            return False
-        if short > 0 and self.reusable() < 2 * (need + PAGE_SLACK):
-            # the file must not grow: free pages for the new blob by evicting as much
-            self._evict_for(need + PAGE_SLACK)
-            if self.reusable() < need + PAGE_SLACK:
-                self._retry_at = time.monotonic() + RETRY_SECONDS
-                self._space_problem = True
-                self._set_state("memory", f"its filesystem has {_mib(free)} free of {_mib(total)}, less than "
-                                          f"cache_min_free ({_mib(keep)}) plus this blob, and nothing left to evict")
-                return False
-        if self.state != "ok":
-            self._set_state("ok", f"{_mib(free)} free on its filesystem")
-        return True
+    # -- room for writes (see aysfsd.tiers.room) ---------------------------------------------
 
     def reusable(self) -> int:
         """Bytes of pages inside the LMDB file that are free for reuse (about: the free list's
@@ -219,7 +167,7 @@ class LocalCache:
                        for st in (self.env.stat(), txn.stat(self.blobs), txn.stat(self.atime), txn.stat(self.meta)))
         return max(0, last + 1 - 2 - used) * psize
 
-    def _evict_for(self, nbytes: int) -> int:
+    def evict_for(self, nbytes: int) -> int:
         """Evict about `nbytes` of LRU blobs and make their pages reusable; bytes freed."""
         try:
             freed = self.evict(max(0, self.size() - nbytes))
@@ -229,13 +177,6 @@ class LocalCache:
             log.warning("local cache %s: evicting to make room failed: %s", self.path, e)
             return 0
         return freed
-
-    def _write_failed(self, e: lmdb.Error) -> None:
-        free, total, keep = self.disk()
-        self._retry_at = time.monotonic() + RETRY_SECONDS
-        self._space_problem = free < keep + PAGE_SLACK
-        self._set_state("memory", f"writing to {self.path} failed ({e}) with {_mib(free)} free of {_mib(total)} "
-                                  f"on its filesystem (cache_min_free {_mib(keep)})")
 
     # -- writes (blocking: call through trio.to_thread) -----------------------------------------
 
@@ -302,7 +243,7 @@ class LocalCache:
         Returns False when the blob was not stored: larger than `max_blob` (see LOW_WATER),
         the cache is full of pinned blobs, or the LMDB map stays full even after evicting
         half of the cache. Never raises MapFullError."""
-        if len(data) > self.max_blob or not self._room_for(len(data)):
+        if len(data) > self.max_blob or not self.room.allows(len(data)):
             self.skipped_blobs += 1
             return False
         k = _key(h)
@@ -312,14 +253,14 @@ class LocalCache:
             self._make_room()
         except lmdb.Error as e:  # the disk is full (LMDB reports ENOSPC as EIO) or failing
             log.warning("local cache %s: storing blob %s (%d bytes) failed: %s (%s free on its filesystem); "
-                        "evicting and trying once more", self.path, h, len(data), e, _mib(self.disk()[0]))
-            self._evict_for(max(2 * len(data), self.size() // 10) + PAGE_SLACK)
+                        "evicting and trying once more", self.path, h, len(data), e, mib(self.room.disk()[0]))
+            self.evict_for(max(2 * len(data), self.size() // 10) + PAGE_SLACK)
         try:
             return self._put(k, data)
         except lmdb.MapFullError:
             log.warning("local cache: LMDB map still full: blob %s (%d bytes) not cached", h, len(data))
         except lmdb.Error as e:
-            self._write_failed(e)
+            self.room.write_failed(e)
         self.skipped_blobs += 1
         return False
 
@@ -358,7 +299,7 @@ class LocalCache:
         as `put`."""
         results: list[bool] = []
         freed_all = n_all = 0
-        if not self._room_for(sum(len(d) for _, d in items if len(d) <= self.max_blob)):
+        if not self.room.allows(sum(len(d) for _, d in items if len(d) <= self.max_blob)):
             return [self.put(h, data) for h, data in items]
         try:
             with self.env.begin(write=True, buffers=True) as txn:
@@ -393,7 +334,7 @@ class LocalCache:
                 if attempt:
                     log.error("local cache %s: could not store %s: %s", self.path, key, e)
                     return False
-                self._evict_for(PAGE_SLACK)
+                self.evict_for(PAGE_SLACK)
         return False
 
     def evict(self, target: int) -> int:
@@ -435,32 +376,3 @@ class LocalCache:
         with self._lock:
             self._touched.clear()
         return freed
-
-    def verify(self, batch: int = 256) -> tuple[int, list[str]]:
-        """Scrub: hash every cached blob; drop the ones whose bytes no longer match their hash
-        (disk corruption), so they are refetched instead of served. Returns (checked, dropped).
-        Reads in batches of short transactions, so long scrubs do not pin old LMDB pages."""
-        checked, bad = 0, []
-        last = b""
-        while True:
-            with self.env.begin(db=self.blobs, buffers=True) as txn:
-                cur = txn.cursor()
-                if not (cur.set_range(last) if last else cur.first()):
-                    break
-                n = 0
-                for k, v in cur:
-                    kb = bytes(k)
-                    if kb == last:
-                        continue
-                    if hashlib.sha256(v).digest() != kb:
-                        bad.append(kb.hex())
-                    checked += 1
-                    last = kb
-                    n += 1
-                    if n >= batch:
-                        break
-                if n == 0:
-                    break
-        if bad:
-            self.delete(bad)
-        return checked, bad
