@@ -225,6 +225,8 @@ def cache_line(cache: Reply) -> Text:
         f"{as_int(cache.get('pack_members'))} blobs from {as_int(cache.get('packs'))} packs "
         f"({as_int(cache.get('tree_packs'))} tree packs), "
         f"evicted {as_int(cache.get('evicted_blobs'))} blobs ({human_bytes(cache.get('evicted_bytes', 0))})")
+    if as_int(cache.get("fetches_waiting")) > 0:
+        text.append(f", {as_int(cache.get('fetches_waiting'))} fetches waiting on downloads")
     if as_int(cache.get("queued_bytes")) > 0:
         text.append(f", {human_bytes(cache.get('queued_bytes', 0))} waiting for their write")
     if as_int(cache.get("fs_size")) > 0:

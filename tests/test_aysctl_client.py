@@ -133,7 +133,8 @@ def test_status_cache_state(daemon: FakeDaemon, capsys: pytest.CaptureFixture[st
     reason = "its filesystem has 0.2 MiB free of 16.0 MiB, less than cache_min_free (4.0 MiB)"
     daemon.replies["status"] = [{**STATUS, "cache": {**STATUS["cache"], "state": "memory", "reason": reason,
                                                      "fs_free": 200 * 1024, "fs_size": 16 * 2**20,
-                                                     "min_free": 4 * 2**20, "queued_bytes": 3 * 2**20}}]
+                                                     "min_free": 4 * 2**20, "queued_bytes": 3 * 2**20,
+                                                     "fetches_waiting": 2}}]
     assert run(daemon, "status") == 0
     assert f"cache\t{5 * 2**20}\t{10 * 2**30}\t120\tmemory\t{reason}" in capsys.readouterr().out.splitlines()
     console = Console(file=io.StringIO(), width=300)
@@ -142,7 +143,7 @@ def test_status_cache_state(daemon: FakeDaemon, capsys: pytest.CaptureFixture[st
     render.print_status(console, replies[0])
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "free on its filesystem (keeps 4.0 MiB)" in text and f"cache state memory: {reason}" in text
-    assert "3.0 MiB waiting for their write" in text
+    assert "3.0 MiB waiting for their write" in text and "2 fetches waiting on downloads" in text
 
 
 def test_status_json(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:

@@ -97,10 +97,20 @@ def reaped(*procs: subprocess.Popen[bytes]) -> Iterator[None]:
 def killed_while_blocked(s: Setup, argv: list[str], sig: int, then: Callable[[], object] = lambda: None) -> int:
     """Runs `argv` (a reader of the mount) until it blocks on the silent stor, then `then()`,
     checks the daemon still answers its status, sends `sig`: the reader's exit status, which
-    it must have within EXIT_BOUND."""
+    it must have within EXIT_BOUND.
+
+    Blocked on the silent stor: in the kernel's wait for an answer, and one more fetch in the
+    daemon waits on a download (`fetches_waiting` in its status). A request the daemon has not
+    read yet is dropped by the kernel when its caller dies, with no INTERRUPT (under CI's load,
+    SIGINT once came that early)."""
+    def waiting() -> int:
+        return int(ctl(s.sock, {"cmd": "status"}, timeout=5.0)[-1]["cache"]["fetches_waiting"])
+
+    before = waiting()
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     with reaped(p):
         wait_blocked(p)
+        wait_for(lambda: waiting() > before, 10, "the daemon to wait on the stor for the reader")
         then()
         status_within_a_second(s)
         p.send_signal(sig)

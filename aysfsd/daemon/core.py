@@ -172,7 +172,8 @@ class Daemon:
                        "internal_errors": fuseguard.unexpected_errors, "metrics": self.metrics.public(),
                        "pyfuse3": fuselib.describe(), "no_open": self.ops.inodes.no_open, "fuse_mode": self.session.mode(),
                        "status": self.status_line()},
-            "cache": cache_status(self.cache, self.fetcher.counters, self.fetcher.keeper.local_queue()),
+            "cache": cache_status(self.cache, self.fetcher.counters, self.fetcher.keeper.local_queue(),
+                                  self.fetcher.waiting()),
             "sources": [source_status(s) for s in self.fetcher.grid + self.fetcher.stors],
             "mounts": [mount_status(mp) for mp in sorted(self.ops.inodes.mounts.values(), key=lambda m: m.name)],
         }

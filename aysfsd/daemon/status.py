@@ -25,8 +25,9 @@ def mount_status(mp: MountPoint) -> dict[str, object]:
     }
 
 
-def cache_status(cache: LocalCache, k: Counters, queue: tuple[int, int]) -> dict[str, object]:
-    """`queue`: (blobs, bytes) fetched and still waiting for their LMDB write."""
+def cache_status(cache: LocalCache, k: Counters, queue: tuple[int, int], waiting: int) -> dict[str, object]:
+    """`queue`: (blobs, bytes) fetched and still waiting for their LMDB write; `waiting`:
+    fetches waiting on a download in progress."""
     c = cache.stats()
     try:
         fs_free, fs_size, min_free = cache.room.disk()
@@ -40,7 +41,8 @@ def cache_status(cache: LocalCache, k: Counters, queue: tuple[int, int]) -> dict
             "skipped_blobs": cache.skipped_blobs, "writebacks": k.writebacks,
             "writeback_errors": k.writeback_errors, "writebacks_skipped": k.writebacks_skipped,
             "packs": k.packs, "pack_members": k.pack_members,
-            "tree_packs": k.tree_packs, "queued_blobs": queue[0], "queued_bytes": queue[1]}
+            "tree_packs": k.tree_packs, "queued_blobs": queue[0], "queued_bytes": queue[1],
+            "fetches_waiting": waiting}
 
 
 def source_status(s: Source) -> dict[str, object]:

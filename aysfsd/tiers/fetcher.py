@@ -79,6 +79,11 @@ class Fetcher:
         """Not cached (locally or in memory) and not being fetched."""
         return h not in self._inflight and self.memory.get(h) is None and not self.cache.has(h)
 
+    def waiting(self) -> int:
+        """Fetches waiting on a download in progress (a reader's request, a profile's or a
+        listing's load): what a stor that does not answer holds up (status)."""
+        return sum(f.waiters for f in self._inflight.values())
+
     async def wait_foreground_idle(self) -> None:
         """Return once no foreground (reader) fetch is going to the network."""
         await self.foreground.wait_idle()
