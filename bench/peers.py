@@ -152,16 +152,8 @@ class LoggedNginx(Nginx):
     """nginx with an access log: `answered()` counts the requests it answered so far."""
 
     def __init__(self, root: Path, workdir: Path, put: bool = True) -> None:
-        super().__init__(root, workdir, put=put)
-        self.access_log = self.workdir / "access.log"
+        super().__init__(root, workdir, put=put, access_log=True)
         self._counted = (0, 0)  # (bytes of the log read, lines in them)
-
-    def _prepare(self) -> None:
-        super()._prepare()
-        conf = self.conf_path.read_text()
-        conf = conf.replace("access_log off;", "log_format bench '$request_method $status $bytes_sent';\n"
-                            f"    access_log \"{self.access_log}\" bench;")
-        self.conf_path.write_text(conf)
 
     def answered(self) -> int:
         """Requests logged so far (nginx writes each line when the request ends)."""
@@ -176,6 +168,14 @@ class LoggedNginx(Nginx):
         end = data.rfind(b"\n") + 1  # whole lines only
         self._counted = (offset + end, lines + data.count(b"\n", 0, end))
         return self._counted[1]
+
+    def logged_since(self, lines: int) -> list[str]:
+        """The access log's lines after the first `lines`."""
+        assert self.access_log is not None
+        try:
+            return self.access_log.read_text().splitlines()[lines:]
+        except FileNotFoundError:
+            return []
 
 
 class AutoindexNginx(LoggedNginx):

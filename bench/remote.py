@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ ENABLED = os.environ.get("BENCH_REMOTE", "") != "0"
 PEERS = ["native", "aysfs", "rclone", "httpdirfs"]
 PROFILED_ID = "bench|stdlib!profiled"  # the same tree, republished with a startup profile
 PROFILE_IDLE = 3  # seconds without a new blob that end a recording
+TIMELINE = os.environ.get("BENCH_TIMELINE", "")  # a directory: each run's requests, in time from its mount
 Measure = Callable[..., tuple[float, str | None]]  # (data, peer, timeout=) -> (value, problem)
 
 
@@ -194,8 +196,10 @@ class Remote:
             if key == "app_profile":
                 peer = self.profiled_peer(rp)
             s0 = rp.wire.snap()
+            wall0 = time.time()
             mount_time = peer.mount_cold()
             s1 = rp.wire.snap()
+            wall1 = time.time()
             if key == "app_profile":  # its mount may fetch the profile: counted with the row, not the mount row
                 self.log(f"  mounted in {mount_time:.3f} s")
             else:
@@ -210,6 +214,7 @@ class Remote:
             except subprocess.TimeoutExpired:
                 c.capped = self.cap
             s2 = rp.wire.snap()
+            wall2 = time.time()
             if key == "app_profile" and isinstance(peer, Aysfs):  # what the daemon says of the profile's use
                 st = self.mount_status(peer)
                 self.log(f"  aysctl status: profile {st.get('profile')}, watch {st.get('watch')}")
@@ -217,6 +222,8 @@ class Remote:
                 problem = problem or self.check(self.data, peer, self.data.sample[:-1])[0]
             peer.unmount()
             c.traffic.append(rp.wire.traffic(s1, s2, rp.wire.snap(), since=s0 if key == "app_profile" else s1))
+            if TIMELINE:
+                self.timeline(Path(TIMELINE) / f"{key}-{rp.label}-{rep + 1}.txt", rp, s0[1], wall0, wall1, wall2)
             if v is None:
                 self.log(f"  {rp.label}: stopped after {self.cap:.0f} s  {c.traffic[-1].text()}")
                 return
@@ -237,6 +244,27 @@ class Remote:
             peer.unmount()
             if rep == 0:
                 self.first_run[(rp.label, key)] = time.perf_counter() - t_start
+
+    @staticmethod
+    def timeline(path: Path, rp: RemotePeer, since: int, wall0: float, wall1: float, wall2: float) -> None:
+        """The run's requests as the server logged them (nginx's `started` format: end time, seconds,
+        request, status), in ms from the mount's start, with the size of the file served."""
+        out = [f"# mount start 0, mounted {1e3 * (wall1 - wall0):.1f} ms, row ended {1e3 * (wall2 - wall0):.1f} ms",
+               "# start_ms end_ms bytes status uri"]
+        rows = []
+        server = rp.wire.server
+        for line in server.logged_since(since):
+            parts = line.split('"')
+            times, req = parts[0].split(), parts[1].split() if len(parts) > 2 else []
+            if len(times) != 2 or len(req) != 3:
+                continue
+            end, took = float(times[0]), float(times[1])
+            f = Path(server.root) / urllib.parse.unquote(req[1]).lstrip("/")
+            size = f.stat().st_size if f.is_file() else 0
+            rows.append((1e3 * (end - took - wall0), 1e3 * (end - wall0), size, parts[2].strip(), req[1]))
+        out += [f"{a:9.1f} {b:9.1f} {n:>10} {st} {u}" for a, b, n, st, u in sorted(rows)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(out) + "\n")
 
     # -- app start with a startup profile (issue 13 item 4) -------------------------------------------
 

@@ -24,6 +24,8 @@ squashfs image of the same tree. Every figure is measured in this run, on this d
     BENCH_REMOTE=0          skip the remote rows (the stors behind bench/slowlink.py, see bench/remote.py)
     BENCH_RTT_MS=20 BENCH_RATE_MBIT=1000   the simulated link of the remote rows (0 Mbit: no cap)
     BENCH_REMOTE_CAP=120    seconds: a remote run is stopped there (rclone and httpdirfs are slow)
+    BENCH_TIMELINE=DIR      write each remote run's requests (start, end in ms from the mount's start,
+                            bytes, uri, from the server's access log) to DIR/<row>-<peer>-<run>.txt
 
 Progress goes to stderr; the table and the bars to stdout, bench/results/results.md and
 bench/results/ratios.png.
