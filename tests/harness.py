@@ -296,6 +296,12 @@ def stor_packs(stor: Path) -> tuple[set[str], set[str]]:
     return packs, members
 
 
+def corrupted(data: bytes) -> bytes:
+    """`data` with its last byte changed (every bit flipped: never the same byte again, which
+    setting it to a fixed value would be for 1 in 256 random blobs)."""
+    return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+
 def pack_holding(stor: Path, data: bytes) -> str:
     """The hash of the pack that holds a small file with these bytes."""
     import hashlib

@@ -21,7 +21,7 @@ import trio
 from aysfsd.stores import HttpStore, StoreError
 from aysfsd.stores.layout import blob_path
 from aysfsd.tree.objects import CHUNK_SIZE
-from tests.harness import blob_files, config, pack_holding, publish, start, status
+from tests.harness import blob_files, config, corrupted, pack_holding, publish, start, status
 from tests.servers import Nginx
 
 AYS = "jumpscale|tiers!main"
@@ -247,7 +247,7 @@ def test_corrupt_and_truncated_blobs_in_an_http_stor_never_give_wrong_bytes(work
     files = blob_files(stor)
     big = (tree / "big.bin").read_bytes()
     c0, c1 = hashlib.sha256(big[:CHUNK_SIZE]).hexdigest(), hashlib.sha256(big[CHUNK_SIZE:]).hexdigest()
-    files[c0].write_bytes(files[c0].read_bytes()[:-1] + b"X")  # a chunk corrupted
+    files[c0].write_bytes(corrupted(files[c0].read_bytes()))  # a chunk corrupted
     files[c1].write_bytes(files[c1].read_bytes()[:100])  # a chunk truncated
     m0 = (tree / "lib" / "m0.py").read_bytes()
     m1 = (tree / "lib" / "m1.py").read_bytes()

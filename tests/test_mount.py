@@ -18,6 +18,7 @@ from tests.harness import (
     Daemon,
     aysctl,
     basic_config,
+    corrupted,
     ctl,
     mounted,
     sample_tree,
@@ -216,7 +217,7 @@ def test_corrupt_blob_gives_eio_never_bad_bytes(work: Path, published: tuple[Pat
     h = hashlib.sha256(data).hexdigest()
     (nginx.root / blob_path(h)).write_bytes(data.replace(b"def ", b"DEF "))
     pack = pack_of(nginx.root, root, "lib/json/decoder.py")  # and the pack holding it: no good copy left
-    (nginx.root / blob_path(pack)).write_bytes((nginx.root / blob_path(pack)).read_bytes()[:-1] + b"!")
+    (nginx.root / blob_path(pack)).write_bytes(corrupted((nginx.root / blob_path(pack)).read_bytes()))
     mnt = work / "mnt"
     with start(work, [nginx.url], {AYS: str(mnt)}) as d:
         with pytest.raises(OSError) as e:
