@@ -22,7 +22,7 @@ from aysfsd.stores import HttpStore, StoreError
 from aysfsd.stores.layout import blob_path
 from aysfsd.tree.objects import CHUNK_SIZE
 from tests.harness import blob_files, config, corrupted, pack_holding, publish, start, status
-from tests.servers import Nginx
+from tests.servers import Nginx, free_port
 
 AYS = "jumpscale|tiers!main"
 
@@ -168,6 +168,42 @@ def test_concurrent_gets_keep_their_connections_for_the_next_burst(logged_nginx:
     assert store._gets is not None
     # every connection the first burst opened is kept for the second (each costs a round trip)
     assert store._gets.connections <= 32
+
+
+def test_warm_opens_connections_ahead_that_the_next_gets_use(logged_nginx: Nginx) -> None:
+    """A cold start's first requests go out together on connections opened beforehand (each new
+    one costs a round trip across a real link): warm() opens them all at once, tops up, never
+    raises."""
+    blobs = blobs_of(6, 1000)
+    for h, b in blobs.items():
+        p = logged_nginx.root / blob_path(h)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b)
+    store = HttpStore(logged_nginx.url, timeout=5)
+    down = HttpStore(f"http://127.0.0.1:{free_port()}", timeout=5)  # nothing listens there
+    pool = store._gets
+    assert pool is not None and down._gets is not None
+    got: dict[str, bytes | None] = {}
+
+    async def one(h: str) -> None:
+        got[h] = await store.fetch(blob_path(h))
+
+    async def main() -> tuple[int, int, int, int]:
+        try:
+            opened = await pool.warm(6), await pool.warm(6)  # the second finds them idle
+            async with trio.open_nursery() as n:
+                for h in blobs:
+                    n.start_soon(one, h)
+            await store.warm(8)  # tops up to 8 idle
+            return *opened, pool.connections, await down._gets.warm(3)  # type: ignore[union-attr]
+        finally:
+            await store.aclose()
+
+    first, second, connections, refused = trio.run(main)
+    assert got == blobs
+    assert (first, second, refused) == (6, 0, 0)
+    assert connections == 8  # the 6 GETs at once opened none of their own; the top-up opened 2
+    assert len([r for r in logged_nginx.requests() if r.startswith("/blobs/")]) == len(blobs)
 
 
 @pytest.mark.parametrize("mode", ["chunked", "redirect"])

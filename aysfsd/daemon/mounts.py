@@ -33,6 +33,7 @@ log = logging.getLogger("aysfsd")
 
 RETRY_SECONDS = 5.0
 READ_AHEAD_KB = 4096  # one chunk: sequential reads come in large requests
+REF_CONNECTIONS = 4  # connections to each stor opened beside a mount's ref fetch
 
 
 class Mounts:
@@ -99,6 +100,8 @@ class Mounts:
         return mp
 
     async def _bring_up(self, mp: MountPoint) -> None:
+        # the requests that follow the ref (its profile, the tree's index and root) go out at once
+        self.fetcher.warm(REF_CONNECTIONS)
         try:
             ref = await self.versions.resolve(mp)
         except LookupError as e:

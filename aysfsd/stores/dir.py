@@ -88,3 +88,6 @@ class DirStore:
 
     async def aclose(self) -> None:
         pass
+
+    async def warm(self, n: int) -> None:
+        """Nothing to open ahead (see HttpStore.warm)."""

@@ -161,6 +161,11 @@ class HttpStore:
         except httpx.HTTPError as e:
             raise _http_error(f"{self.url}: HEAD {rel}", e) from e
 
+    async def warm(self, n: int) -> None:
+        """Have `n` connections open and idle (see GetPool.warm); through a proxy, nothing."""
+        if self._gets is not None:
+            await self._gets.warm(n)
+
     async def aclose(self) -> None:
         if self._gets is not None:
             self._gets.close()

@@ -59,10 +59,43 @@ class GetPool:
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[trio.socket.SocketType] = []
         self.connections = 0  # opened so far (tests)
+        self._warming = 0  # connections being opened by warm()
 
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+
+    async def warm(self, n: int) -> int:
+        """Open connections, all at once, until `n` are idle (at most max_idle): a cold start's
+        first requests then go out together, where each would otherwise pay a round trip for
+        its own connection. A failure is left to the requests to report (a warm-up is a hint).
+        Returns how many were opened."""
+        want = min(n, self.max_idle) - len(self._idle) - self._warming
+        if want <= 0:
+            return 0
+        self._warming += want
+        opened = 0
+
+        async def one() -> None:
+            nonlocal opened
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    stream = await trio.open_tcp_stream(self.host, self.port)
+            except (trio.TooSlowError, OSError):
+                return
+            finally:
+                self._warming -= 1
+            self.connections += 1
+            opened += 1
+            if len(self._idle) < self.max_idle:
+                self._idle.append(stream.socket)
+            else:
+                stream.socket.close()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(want):
+                nursery.start_soon(one)
+        return opened
 
     async def get(self, path: str, p: Progress, where: str, low: LowSpeed) -> bytes | None:
         """The body of GET `path` (None on 404); StoreError/StoreTimeout/StoreSlow (`where`

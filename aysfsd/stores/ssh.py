@@ -424,6 +424,10 @@ class SshStore:
         """Async close."""
         await trio.to_thread.run_sync(self.close)
 
+    async def warm(self, n: int) -> None:
+        """Nothing opened ahead: the SFTP channels share one connection, opened by the first
+        request (see HttpStore.warm)."""
+
     def __enter__(self) -> SshStore:
         return self
 

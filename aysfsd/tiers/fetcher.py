@@ -88,6 +88,15 @@ class Fetcher:
         """Return once no foreground (reader) fetch is going to the network."""
         await self.foreground.wait_idle()
 
+    def warm(self, n: int) -> None:
+        """Have `n` connections open to each source that is up, opened in the background: a
+        cold start's first requests go out together, and a new connection costs a round trip."""
+        if self.nursery is None:
+            return
+        for src in self.grid + self.stors:
+            if not src.is_down():
+                self.nursery.start_soon(src.store.warm, n)
+
     def readahead(self, h: str, *, local: bool, grid: bool, account: dict[str, int] | None) -> None:
         """Start fetching `h` in the background unless it is cached, in flight or too many
         read-aheads run already; a failure is left for the reader that needs the blob."""
