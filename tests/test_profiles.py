@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from aysfsd.fuse.profiles import WINDOW
+from aysfsd.fuse.profiles import PACK_WORTH, WINDOW
 from aysfsd.stores.layout import grid_profile_path, profile_ref_path, ref_path
 from aysfsd.tree.objects import CHUNK_SIZE
 from aysfsd.tree.profile import DIR_INDEX, Item, Profile, ProfileError, decode
@@ -97,18 +97,28 @@ def wait_profile(work: Path, name: str, state: str) -> dict[str, Any]:
 
 
 def targets(src_stor: Path, profile: Profile) -> list[str]:
-    """The blobs a node fetches for a profile's file items, in order: a packed file's pack, else
-    the chunk itself (directory objects left out: their packs come one level ahead)."""
+    """The blobs a node fetches for a profile's file items, in order: a packed file's pack when
+    the profile reads at least PACK_WORTH of the pack's bytes, else the file alone, and the
+    chunks of other files (directory objects left out: their packs come one level ahead)."""
     packed: dict[str, str] = {}
+    pack_size: dict[str, int] = {}
     for obj in stor_dir_objects(src_stor):
+        pack_size.update((h, s) for h, s in obj.get("packs", []))
         for e in obj["entries"]:
             if "p" in e and e["t"] == "f":
                 packed[e["h"]] = obj["packs"][e["p"][0]][0]
+    read: dict[str, int] = {}
+    for i in profile.items:
+        if i.index == 0 and i.hash in packed:
+            read[packed[i.hash]] = read.get(packed[i.hash], 0) + i.size
+    whole = {p for p, n in read.items() if n >= PACK_WORTH * pack_size[p]}
+    assert whole and len(whole) < len(read), "the start reads some packs mostly and others barely"
     out: list[str] = []
     for i in profile.items:
         if i.index == DIR_INDEX:
             continue
         t = packed.get(i.hash, i.hash) if i.index == 0 else i.hash
+        t = t if t in whole else i.hash
         if t not in out:
             out.append(t)
     return out

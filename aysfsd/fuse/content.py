@@ -73,8 +73,9 @@ class ContentReader:
             data: bytes | memoryview | None = self.cache.get_range(h, coff, n)
             if data is None:
                 mp.misses += 1
-                if of.dbg is None and 0 < e.size <= SIBLING_MAX_SIZE:
-                    await self.fetch_siblings(of.node)
+                if of.dbg is None and 0 < e.size <= SIBLING_MAX_SIZE and not (
+                        mp.profile is not None and mp.profile.fetching(h)):
+                    await self.fetch_siblings(of.node)  # (a profile fetching `h` ahead knows better)
                 try:
                     blob = await self.fetcher.get(h, local=mp.cfg.cache_local, grid=mp.cfg.cache_grid,
                                                   account=mp.bytes_by_tier)

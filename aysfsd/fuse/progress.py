@@ -46,6 +46,12 @@ class ProfileUse:
     written: list[str] = field(default_factory=list)  # grid caches a recorded profile went to
     watch: StartWatch | None = None
 
+    def fetching(self, h: str) -> bool:
+        """Whether blob `h` is one the profile is fetching ahead now (in its own way: a reader
+        that misses it fetches it alone, not its directory's packs)."""
+        w = self.watch
+        return self.state == "fetching" and w is not None and w.profiled is not None and h in w.profiled
+
     def public(self) -> dict[str, object]:
         w = self.watch
         return {"source": self.source, "state": self.state, "hash": self.hash, "items": self.items,
