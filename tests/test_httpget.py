@@ -108,6 +108,13 @@ def blobs_of(n: int, size: int = 200_000) -> dict[str, bytes]:
     return out
 
 
+def put_blobs(root: Path, blobs: dict[str, bytes]) -> None:
+    for h, b in blobs.items():
+        p = root / blob_path(h)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b)
+
+
 def fetch_all(store: HttpStore, hashes: list[str]) -> list[bytes | None]:
     async def main() -> list[bytes | None]:
         try:
@@ -128,10 +135,7 @@ def logged_nginx(work: Path) -> Iterator[Nginx]:
 def test_blobs_over_one_kept_alive_connection_from_nginx(logged_nginx: Nginx) -> None:
     nginx_stor = logged_nginx
     blobs = blobs_of(6) | blobs_of(2, 3 * 1024 * 1024) | blobs_of(2, 10)
-    for h, b in blobs.items():
-        p = nginx_stor.root / blob_path(h)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b)
+    put_blobs(nginx_stor.root, blobs)
     store = HttpStore(nginx_stor.url, timeout=5)
     assert store._gets is not None  # a plain http:// stor: the lean client
     missing = "0" * 64
@@ -143,10 +147,7 @@ def test_blobs_over_one_kept_alive_connection_from_nginx(logged_nginx: Nginx) ->
 
 def test_concurrent_gets_keep_their_connections_for_the_next_burst(logged_nginx: Nginx) -> None:
     blobs = blobs_of(40, 100_000)
-    for h, b in blobs.items():
-        p = logged_nginx.root / blob_path(h)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b)
+    put_blobs(logged_nginx.root, blobs)
     store = HttpStore(logged_nginx.url, timeout=5)
     got: dict[str, bytes | None] = {}
 
@@ -175,10 +176,7 @@ def test_warm_opens_connections_ahead_that_the_next_gets_use(logged_nginx: Nginx
     one costs a round trip across a real link): warm() opens them all at once, tops up, never
     raises."""
     blobs = blobs_of(6, 1000)
-    for h, b in blobs.items():
-        p = logged_nginx.root / blob_path(h)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b)
+    put_blobs(logged_nginx.root, blobs)
     store = HttpStore(logged_nginx.url, timeout=5)
     down = HttpStore(f"http://127.0.0.1:{free_port()}", timeout=5)  # nothing listens there
     pool = store._gets
@@ -210,10 +208,7 @@ def test_warm_opens_connections_ahead_that_the_next_gets_use(logged_nginx: Nginx
 def test_answers_it_does_not_handle_go_to_httpx(mode: str, logged_nginx: Nginx) -> None:
     nginx_stor = logged_nginx
     blobs = blobs_of(3)
-    for h, b in blobs.items():
-        p = nginx_stor.root / blob_path(h)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b)
+    put_blobs(nginx_stor.root, blobs)
     srv = RawServer(blobs, mode, target=nginx_stor.url)
     try:
         assert fetch_all(HttpStore(srv.url, timeout=5), list(blobs)) == list(blobs.values())
