@@ -367,3 +367,33 @@ def test_tampered_profile_in_a_signed_ref_is_refused(work: Path, tree: Path, sto
     assert got.startswith("none ") and "refused the profile named by the ref" in got and "bad signature" in got
     named.write_bytes(original)
     assert node("b").startswith("ref ")
+
+
+def test_a_reader_ahead_of_the_profile_fetches_its_file_alone_not_its_directory_packs(
+        work: Path, tree: Path, stor: Nginx) -> None:
+    """The profile names lib/json/decoder.py after 24 app modules: it reads a quarter of its
+    directory's pack, so the profile fetches the file alone. A reader that needs it while the
+    modules are still on their way (a 10 Mbit/s link: ~3 s) fetches it alone too: a miss of a
+    blob the profile is fetching does not start the directory's packs (the profile knows what
+    the start reads)."""
+    root = publish(tree, stor.url)
+    rel = "lib/json/decoder.py"
+    data = (tree / rel).read_bytes()
+    h = hashlib.sha256(data).hexdigest()
+    mods = [Item(m, 0, hashlib.sha256((tree / m).read_bytes()).hexdigest(), (tree / m).stat().st_size) for m in APP]
+    profile = Profile(root, (*mods, Item(rel, 0, h, len(data))))
+    (work / "p").write_bytes(profile.encode())
+    publish(tree, stor.url, "--profile", str(work / "p"))
+    [json_pack] = {p for obj in stor_dir_objects(stor.root) for e in obj["entries"] if e.get("h") == h
+                   for p in [obj["packs"][e["p"][0]][0]]}
+    mnt = work / "mnt"
+    stor.access_log.write_text("")  # type: ignore[union-attr]
+    with SlowLink(stor.port, work / "link", delay_ms=LINK_DELAY_MS, rate_mbit=10) as slow:
+        with start(work, "n", config(work / "n", [{"url": slow.url}], [{"id": AYS, "mnt": str(mnt)}]), [mnt]):
+            wait_profile(work, "n", "fetching")
+            assert (mnt / rel).read_bytes() == data  # read while the profile fetches the modules
+            p = wait_profile(work, "n", "done")
+            assert p["errors"] == 0 and p["ignored"] == 0
+    gets = blob_gets(stor)
+    assert json_pack not in gets and gets.count(h) == 1  # the file alone, once
+    assert all(gets.count(m.hash) == 1 for m in mods)
