@@ -33,7 +33,7 @@ log = logging.getLogger("aysfsd")
 
 RETRY_SECONDS = 5.0
 READ_AHEAD_KB = 4096  # one chunk: sequential reads come in large requests
-REF_CONNECTIONS = 4  # connections to each stor opened beside a mount's ref fetch
+REF_CONNECTIONS = 4  # connections to each http grid cache and stor opened beside a mount's ref fetch
 
 
 class Mounts:

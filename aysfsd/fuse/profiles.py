@@ -6,10 +6,11 @@ looks for a profile (see aysfsd.tree.profile): first the one the ref names (publ
 items are resolved through the verified tree and fetched in their order, WINDOW at a time
 (a packed file with its pack when the profile reads PACK_WORTH of the pack's bytes, else
 alone): the reader's own misses are not queued behind them (they fetch at once, or join a
-fetch of the same blob already in flight, without their directory's packs). Not found, and with a writable grid cache, the start is
-recorded (see aysfsd.fuse.startwatch) and the profile written to the writable grid caches, so
-the next node of the grid starts with it. Either way a StartWatch counts how much of the
-profile the start read. A bad profile costs bandwidth and log lines, never bytes.
+fetch of the same blob already in flight, without their directory's packs). Not found, and
+with a writable grid cache, the start is recorded (see aysfsd.fuse.startwatch) and the
+profile written to the writable grid caches, so the next node of the grid starts with it.
+Either way a StartWatch counts how much of the profile the start read. A bad profile costs
+bandwidth and log lines, never bytes.
 """
 
 from __future__ import annotations

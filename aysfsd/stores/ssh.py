@@ -425,8 +425,8 @@ class SshStore:
         await trio.to_thread.run_sync(self.close)
 
     async def warm(self, n: int) -> None:
-        """Nothing opened ahead: the SFTP channels share one connection, opened by the first
-        request (see HttpStore.warm)."""
+        """Nothing opened ahead (see HttpStore.warm): the pool opens its few connections (at most
+        max_connections, each a key exchange and a login) as requests need them."""
 
     def __enter__(self) -> SshStore:
         return self
