@@ -22,6 +22,7 @@ def mount_status(mp: MountPoint) -> dict[str, object]:
         "prefetch": pf.public() if pf is not None else None,
         "profile": mp.profile.public() if mp.profile is not None else None,
         "watch": mp.watch.public() if mp.watch is not None else None,
+        "import_hints": mp.hints.public() if mp.hints is not None else None,
     }
 
 

@@ -171,6 +171,19 @@ class BulkWindow:
             self._credit[mount] = CREDIT
         self.fetcher.nursery.start_soon(self._start, parent, i)
 
+    def in_pass(self, node: Node) -> bool:
+        """Whether `node`'s first read is part of a bulk reader's pass: the next file of a run
+        in name order, or a file of a walk's directory."""
+        parent = self.nodes.get(node.parent)
+        if parent is None:
+            return False
+        run = self._runs.get(parent.ino)
+        if run is not None and run.length >= 2:
+            return True
+        walk = self._walks.get(node.mount.name)
+        return walk is not None and not walk.ended and (
+            walk.start is parent or parent.entry.hash in walk.planned or parent.entry.hash in walk.passed)
+
     def _entered(self, walk: _Walk, h: str) -> None:
         """The reader is in planned directory `h`: it and those before it are behind it."""
         while walk.planned:

@@ -3,8 +3,9 @@ manager is aysfsd.tiers.Fetcher; this module decides what to ask it for, and whe
 
 Besides the chunk a READ needs: a small file's first miss brings its directory's small files
 (packs, or the files in parallel), a sequential reader of a big file has the next chunks in
-flight, and every first read tells the bulk-read window (aysfsd.fuse.bulkread) where a reader
-going through a tree in order is.
+flight, every first read tells the bulk-read window (aysfsd.fuse.bulkread) where a reader
+going through a tree in order is, and a cold Python module's imports are fetched ahead
+(aysfsd.fuse.importhints).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..tiers.local import LocalCache
 from ..tree.objects import CHUNK_SIZE, KIND_FILE, pack_members
 from .bulkread import BulkWindow
 from .catalog import Catalog
+from .importhints import ImportHints
 from .nodes import Node, OpenFile
 
 log = logging.getLogger("aysfsd.fuse.content")
@@ -43,6 +45,7 @@ class ContentReader:
         self.nodes = nodes
         self.need = need
         self.bulk = BulkWindow(fetcher, nodes, catalog.load_dir, catalog.in_memory)
+        self.hints = ImportHints(fetcher, catalog, nodes)
 
     async def read(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
         """Up to `size` bytes of `of`'s tree entry at `off`; EIO (FUSEError) when a blob cannot be had."""
@@ -51,7 +54,8 @@ class ContentReader:
         if off >= end:
             return b""
         pieces = e.blobs()
-        if off == 0 and of.next_off == 0:
+        first = off == 0 and of.next_off == 0
+        if first:
             self.bulk.first_read(of.node)  # a reader going through a tree in order? (see aysfsd.fuse.bulkread)
         if off == of.next_off and len(pieces) > 1:
             # A sequential reader: the next chunks are fetched beside this one. Decided and moved on
@@ -73,6 +77,7 @@ class ContentReader:
             data: bytes | memoryview | None = self.cache.get_range(h, coff, n)
             if data is None:
                 mp.misses += 1
+                self.hints.missed(mp)
                 if of.dbg is None and 0 < e.size <= SIBLING_MAX_SIZE and not (
                         mp.profile is not None and mp.profile.fetching(h)):
                     await self.fetch_siblings(of.node)  # (a profile fetching `h` ahead knows better)
@@ -97,6 +102,8 @@ class ContentReader:
             out.append(data)
             pos += n
         mp.bytes_read += end - off
+        if first and of.dbg is None and not self.bulk.in_pass(of.node):
+            self.hints.first_read(of.node)  # a module of a cold Python start: its imports next
         return out[0] if len(out) == 1 else b"".join(out)
 
     async def fetch_siblings(self, node: Node) -> None:

@@ -14,6 +14,7 @@ from ..tree.ref import Ref
 
 if TYPE_CHECKING:
     from ..debug.overlay import DebugOverlay
+    from .importhints import HintState
     from .progress import ProfileUse, Progress
     from .startwatch import StartWatch
 
@@ -40,6 +41,7 @@ class MountPoint:
     overlay: DebugOverlay | None = None  # debug mode
     watch: StartWatch | None = None  # the start being recorded or measured (see aysfsd.fuse.startwatch)
     profile: ProfileUse | None = None  # the startup profile of the current version, if looked for
+    hints: HintState | None = None  # the import hints of a cold start of the current version
     unreadable: dict[str, str] = field(default_factory=dict)  # directory hash -> why it could not be read
     invalid_dirs: set[str] = field(default_factory=set)  # of them, invalid objects (never readable: not retried)
 

@@ -125,6 +125,10 @@ def _mounts(mounts: list[Snapshot]) -> Iterator[Metric]:
                                  labels=["mount"])
     pr_errors = GaugeMetricFamily("aysfs_mount_profile_errors", "startup profile fetches that failed",
                                   labels=["mount"])
+    ih_modules = GaugeMetricFamily("aysfs_mount_import_hints_modules", "modules a cold start's import hints "
+                                   "fetched ahead (aysfsd.fuse.importhints)", labels=["mount"])
+    ih_bytes = GaugeMetricFamily("aysfs_mount_import_hints_bytes", "bytes a cold start's import hints asked for "
+                                 "(a packed module counts its pack)", labels=["mount"])
     for m in mounts:
         name = str(m["name"])
         info.add_metric([name], {"id": str(m["id"]), "mnt": str(m["mnt"]), "root": str(m["root"] or ""),
@@ -157,5 +161,9 @@ def _mounts(mounts: list[Snapshot]) -> Iterator[Metric]:
             pr_blobs.add_metric([name], pr.get("fetched_blobs", 0))
             pr_bytes.add_metric([name], pr.get("fetched_bytes", 0))
             pr_errors.add_metric([name], pr.get("errors", 0))
+        ih = m.get("import_hints")
+        if isinstance(ih, Mapping):
+            ih_modules.add_metric([name], ih.get("modules", 0))
+            ih_bytes.add_metric([name], ih.get("bytes", 0))
     yield from (info, rev, up, degraded, read, tb, reads, miss, eio, pf_blobs, pf_bytes, pf_run,
-                pr_info, pr_items, pr_blobs, pr_bytes, pr_errors)
+                pr_info, pr_items, pr_blobs, pr_bytes, pr_errors, ih_modules, ih_bytes)
