@@ -5,13 +5,13 @@ asks for the modules it imports, each in another directory (a package, lib-dynlo
 modules). From a remote stor every link of the chain is a round trip. The chain is written in
 the modules themselves: when a `.py` file is first read while the mount is cold (a miss in the
 last COLD seconds), its import lines that run at import time (not those in a function's body:
-they run later, if ever) are resolved in the tree the way the interpreter would (the file's package,
-then its sys.path entry: the directory above its top package, that directory's lib-dynload and
+they run later, if ever) are resolved in the tree the way the interpreter would (the file's
+package, then its sys.path entry: the directory above its top package, that directory's lib-dynload and
 site-packages, and every entry seen so far), and the modules found are fetched ahead: a packed
 module with its pack, an extension module whole. A `.py` fetched so is read for its imports in
 turn, so the rest of the chain is found a round trip per level, not one per module.
 
-Hints only cost bandwidth, never bytes: what they fetch is verified like every blob and
+Hints can cost bandwidth, never correctness: what they fetch is verified like every blob, and
 readers take it from the cache. They are bounded per mount (HINT_FILES files, HINT_BYTES
 bytes), stop when reads stop missing, and give way to a startup profile (which knows better)
 and to a bulk reader's pass (tar reads every module; aysfsd.fuse.bulkread has it covered).
@@ -117,6 +117,7 @@ class HintState:
     entries seen (MountPoint.hints; `aysctl status` shows modules and bytes)."""
 
     root: str = ""  # the version's root directory
+    grid: bool = True  # the mount's cache.grid (directory objects read from, and written to, grid caches)
     last_miss: float = 0.0
     seen: set[str] = field(default_factory=set)  # blob hashes of modules found or read for imports
     roots: list[Where] = field(default_factory=list)  # sys.path entries found so far
@@ -140,7 +141,7 @@ class ImportHints:
         root = mp.ref.root if mp.ref is not None else ""
         st = mp.hints
         if st is None or st.root != root:  # a new mount, or a new version of it
-            st = mp.hints = HintState(root)
+            st = mp.hints = HintState(root, mp.cfg.cache_grid)
         return st
 
     def missed(self, mp: MountPoint) -> None:
@@ -212,21 +213,21 @@ class ImportHints:
 
     # -- resolving a module name in the tree, as the interpreter would -----------------------------
 
-    async def _entries(self, h: str) -> list[Entry]:
-        return (await self.catalog.load_dir(h, ahead=False))[0]
+    async def _entries(self, st: HintState, h: str) -> list[Entry]:
+        return (await self.catalog.load_dir(h, grid=st.grid, ahead=False))[0]
 
     async def _resolve(self, st: HintState, where: Where,
                        found_imports: list[Import]) -> list[tuple[Where, list[Entry], Entry]]:
         """The module files the imports name, each with its directory (hashes, entries)."""
         # the file's package: the directories above it with an __init__.py; its sys.path entry above them
         top = len(where) - 1
-        while top > 0 and _find(await self._entries(where[top]), "__init__.py") is not None:
+        while top > 0 and _find(await self._entries(st, where[top]), "__init__.py") is not None:
             top -= 1
         root = where[:top + 1]
         if root not in st.roots:
             st.roots.append(root)
             for sub in ROOT_SUBDIRS:
-                d = _find(await self._entries(root[-1]), sub, KIND_DIR)
+                d = _find(await self._entries(st, root[-1]), sub, KIND_DIR)
                 if d is not None and root + (d.hash,) not in st.roots:
                     st.roots.append(root + (d.hash,))
         out: list[tuple[Where, list[Entry], Entry]] = []
@@ -239,24 +240,24 @@ class ImportHints:
             else:
                 bases = list(st.roots)
             for base in bases:
-                got = await self._module(base, parts, names, out)
+                got = await self._module(st, base, parts, names, out)
                 if got:
                     break
         return out
 
-    async def _module(self, base: Where, parts: list[str], names: list[str],
+    async def _module(self, st: HintState, base: Where, parts: list[str], names: list[str],
                       out: list[tuple[Where, list[Entry], Entry]]) -> bool:
         """Module `parts` under sys.path entry or package `base` (and `names` as its submodules):
         every __init__.py on the way and the module's file go to `out`. False if not there."""
         where = base
         for i, part in enumerate(parts):
-            entries = await self._entries(where[-1])
+            entries = await self._entries(st, where[-1])
             last = i == len(parts) - 1
             d = _find(entries, part, KIND_DIR)
-            init = _find(await self._entries(d.hash), "__init__.py") if d is not None else None
+            init = _find(await self._entries(st, d.hash), "__init__.py") if d is not None else None
             if d is not None and init is not None:
                 where = where + (d.hash,)
-                out.append((where, await self._entries(d.hash), init))
+                out.append((where, await self._entries(st, d.hash), init))
                 continue
             f = _module_file(entries, part) if last else None
             if f is None:
@@ -264,13 +265,13 @@ class ImportHints:
             out.append((where, entries, f))
             return True
         if names:  # `from package import a, b`: a and b may be submodules
-            entries = await self._entries(where[-1])
+            entries = await self._entries(st, where[-1])
             for name in names:
                 d = _find(entries, name, KIND_DIR)
                 if d is not None:
-                    init = _find(await self._entries(d.hash), "__init__.py")
+                    init = _find(await self._entries(st, d.hash), "__init__.py")
                     if init is not None:
-                        out.append((where + (d.hash,), await self._entries(d.hash), init))
+                        out.append((where + (d.hash,), await self._entries(st, d.hash), init))
                     continue
                 f = _module_file(entries, name)
                 if f is not None:
