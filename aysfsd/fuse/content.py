@@ -45,7 +45,7 @@ class ContentReader:
         self.nodes = nodes
         self.need = need
         self.bulk = BulkWindow(fetcher, nodes, catalog.load_dir, catalog.in_memory)
-        self.hints = ImportHints(fetcher, catalog, nodes)
+        self.hints = ImportHints(fetcher, catalog, nodes, self.bulk.in_pass)
 
     async def read(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
         """Up to `size` bytes of `of`'s tree entry at `off`; EIO (FUSEError) when a blob cannot be had."""
@@ -102,7 +102,7 @@ class ContentReader:
             out.append(data)
             pos += n
         mp.bytes_read += end - off
-        if first and of.dbg is None and not self.bulk.in_pass(of.node):
+        if first and of.dbg is None:
             self.hints.first_read(of.node)  # a module of a cold Python start: its imports next
         return out[0] if len(out) == 1 else b"".join(out)
 

@@ -24,6 +24,7 @@ import bisect
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..tiers import Fetcher
@@ -131,10 +132,12 @@ class HintState:
 class ImportHints:
     """Fetch ahead what a cold Python start will import next (see the module docstring)."""
 
-    def __init__(self, fetcher: Fetcher, catalog: Catalog, nodes: dict[int, Node]) -> None:
+    def __init__(self, fetcher: Fetcher, catalog: Catalog, nodes: dict[int, Node],
+                 in_pass: Callable[[Node], bool]) -> None:
         self.fetcher = fetcher
         self.catalog = catalog
         self.nodes = nodes
+        self.in_pass = in_pass  # a bulk reader's pass (BulkWindow.in_pass): no hints
 
     @staticmethod
     def _of(mp: MountPoint) -> HintState:
@@ -156,7 +159,8 @@ class ImportHints:
                 or self.fetcher.nursery is None or _profiled(mp)):
             return
         st = self._of(mp)
-        if time.monotonic() - st.last_miss > COLD or e.hash in st.seen or len(st.seen) >= SEEN_MAX:
+        if (time.monotonic() - st.last_miss > COLD or e.hash in st.seen or len(st.seen) >= SEEN_MAX
+                or self.in_pass(node)):
             return
         where = self._where(node)
         if where is None:
@@ -254,10 +258,11 @@ class ImportHints:
             entries = await self._entries(st, where[-1])
             last = i == len(parts) - 1
             d = _find(entries, part, KIND_DIR)
-            init = _find(await self._entries(st, d.hash), "__init__.py") if d is not None else None
+            sub = await self._entries(st, d.hash) if d is not None else []
+            init = _find(sub, "__init__.py")
             if d is not None and init is not None:
                 where = where + (d.hash,)
-                out.append((where, await self._entries(st, d.hash), init))
+                out.append((where, sub, init))
                 continue
             f = _module_file(entries, part) if last else None
             if f is None:
@@ -269,9 +274,10 @@ class ImportHints:
             for name in names:
                 d = _find(entries, name, KIND_DIR)
                 if d is not None:
-                    init = _find(await self._entries(st, d.hash), "__init__.py")
+                    sub = await self._entries(st, d.hash)
+                    init = _find(sub, "__init__.py")
                     if init is not None:
-                        out.append((where + (d.hash,), await self._entries(st, d.hash), init))
+                        out.append((where + (d.hash,), sub, init))
                     continue
                 f = _module_file(entries, name)
                 if f is not None:
