@@ -361,6 +361,11 @@ http {{
     def requests(self, method: str = "GET") -> list[str]:
         """The paths of the `method` requests served so far, in the order they began (nginx logs
         a request when it ends: its start is that time less its duration; needs access_log=True)."""
+        return [path for _, path in self.timed_requests(method)]
+
+    def timed_requests(self, method: str = "GET") -> list[tuple[float, str]]:
+        """(when it began, in seconds of the epoch, to the millisecond; path) of each `method`
+        request served so far, in that order."""
         assert self.access_log is not None, "started without access_log"
         out: list[tuple[float, int, str]] = []
         if self.access_log.exists():
@@ -369,7 +374,7 @@ http {{
                 times, req = parts[0].split(), parts[1].split() if len(parts) > 1 else []
                 if len(req) == 3 and req[0] == method and len(times) == 2:
                     out.append((float(times[0]) - float(times[1]), n, req[1]))
-        return [path for _, _, path in sorted(out)]
+        return [(t, path) for t, _, path in sorted(out)]
 
     def _command(self) -> list[str]:
         return ["nginx", "-p", f"{self.workdir}/", "-e", str(self.error_log), "-c", str(self.conf_path)]

@@ -12,12 +12,14 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
-from aysfsd.fuse.profiles import PACK_WORTH, WINDOW
+from aysfsd.fuse.profiles import EARLY_ITEMS, PACK_WORTH, WINDOW
 from aysfsd.stores.layout import grid_profile_path, profile_ref_path, ref_path
 from aysfsd.tree.objects import CHUNK_SIZE
+from aysfsd.tree.packs import tree_path
 from aysfsd.tree.profile import DIR_INDEX, Item, Profile, ProfileError, decode
 from aysfsd.tree.ref import Ref, RefError, decode_ref, sign, verify
 from aysfsd.tree.signing import keygen, load_private
@@ -397,3 +399,56 @@ def test_a_reader_ahead_of_the_profile_fetches_its_file_alone_not_its_directory_
     gets = blob_gets(stor)
     assert json_pack not in gets and gets.count(h) == 1  # the file alone, once
     assert all(gets.count(m.hash) == 1 for m in mods)
+
+
+def test_a_cold_start_asks_for_the_profile_ref_with_the_ref_and_its_first_items_with_the_tree(
+        work: Path, tree: Path, stor: Nginx) -> None:
+    """Behind a 100 ms round trip, seen at the stor: a node that may start cold asks for the
+    profile ref beside the ref (not a round trip after it), and the first items of the profile
+    it names go out by their hash when the profile is here, beside the tree's packs (not a round
+    trip after the tree placed them), EARLY_ITEMS at most. An item the tree does not name at its
+    place costs its bytes only: counted ignored, the reader gets the tree's bytes. A restart of
+    the node with the version cached does not ask for the profile ref."""
+    root = publish(tree, stor.url)
+    other = work / "other"
+    other.mkdir()
+    (other / "parser.py").write_text("# not of this tree\n" * 50)
+    aysctl("publish", str(other), "--ays", "jumpscale|other!main", "--stor", stor.url)
+    foreign = hashlib.sha256((other / "parser.py").read_bytes()).hexdigest()
+    files = [rel for rel in START if rel != "data/big.bin"]
+
+    def item(rel: str) -> Item:
+        return Item(rel, 0, hashlib.sha256((tree / rel).read_bytes()).hexdigest(), (tree / rel).stat().st_size)
+
+    items = [item(rel) for rel in files[:3]] + [Item("lib/email/parser.py", 0, foreign, 950)]
+    items += [item(rel) for rel in files[3:] if rel != "lib/email/parser.py"]
+    assert len(items) > EARLY_ITEMS
+    (work / "p").write_bytes(Profile(root, tuple(items)).encode())
+    publish(tree, stor.url, "--profile", str(work / "p"))
+    packs = {p[0] for p in json.loads((stor.root / tree_path(root)).read_bytes())["packs"]}
+    assert packs
+    mnt = work / "mnt"
+    delay = 50.0
+    rtt = 2 * delay / 1000
+    stor.access_log.write_text("")  # type: ignore[union-attr]
+    with SlowLink(stor.port, work / "link", delay_ms=delay) as slow:
+        text = config(work / "n", [{"url": slow.url}], [{"id": AYS, "mnt": str(mnt)}])
+        with start(work, "n", text, [mnt]):
+            p = wait_profile(work, "n", "done")
+            assert p["source"] == "ref" and p["ignored"] == 1 and p["errors"] == 0
+            for rel in files:
+                assert (mnt / rel).read_bytes() == (tree / rel).read_bytes(), rel
+        first: dict[str, float] = {}
+        for t, path in stor.timed_requests():
+            first.setdefault(unquote(path).rsplit("/", 1)[1], t)
+        ref_name = ref_path(AYS).rsplit("/", 1)[1]
+        assert abs(first[ref_name + ".profile"] - first[ref_name]) < rtt / 2, "the profile ref a round trip late"
+        back = min(first[h] for h in packs) + rtt / 2  # a request after the tree's packs came back is later
+        early = [i.hash for i in items if first.get(i.hash, back) < back]
+        assert items[0].hash in early and foreign in early, "the profile's first items waited for the tree"
+        assert len(early) <= EARLY_ITEMS
+
+        stor.access_log.write_text("")  # type: ignore[union-attr]
+        with start(work, "n", text, [mnt]):
+            assert (mnt / files[0]).read_bytes() == (tree / files[0]).read_bytes()
+        assert stor.requests() and not [r for r in stor.requests() if r.endswith(".profile")]

@@ -102,6 +102,7 @@ class Mounts:
     async def _bring_up(self, mp: MountPoint) -> None:
         # the requests that follow the ref (its profile, the tree's index and root) go out at once
         self.fetcher.warm(REF_CONNECTIONS)
+        asked = self._ask_profile_ref(mp)
         try:
             ref = await self.versions.resolve(mp)
         except LookupError as e:
@@ -113,7 +114,7 @@ class Mounts:
         if watch is not None:
             # the profile (and the tree, see profiles.cold_start) are looked for while the mount
             # is bound: a reader right after the mount finds them on their way
-            self.start_profile(mp, ref, watch)
+            self.start_profile(mp, ref, watch, asked)
         if mp.cfg.debug and self.session_ro:
             await sysmount.remount_rw(self.fuse_root)
             self.session_ro = False
@@ -244,8 +245,22 @@ class Mounts:
             return None
         return profiles.arm(self.fetcher, mp, ref, self._config().main.profile_idle)
 
-    def start_profile(self, mp: MountPoint, ref: Ref, watch: StartWatch | None) -> None:
-        """Use a startup profile for the version, or record one for the grid."""
+    def _ask_profile_ref(self, mp: MountPoint) -> profiles.ProfileRefFetch | None:
+        """At a mount's start, unless it last served a version still in the local cache (then it
+        most likely starts warm), its profile ref is asked for beside its ref."""
+        if mp.cfg.debug or self.nursery is None:
+            return None
+        last = self.versions.last_good(mp.cfg.id)
+        if last is not None and self.cache.has(last.root):
+            return None
+        asked = profiles.ProfileRefFetch(self.fetcher, mp.cfg.id, self._config().main.fetch_timeout)
+        self.nursery.start_soon(asked.run)
+        return asked
+
+    def start_profile(self, mp: MountPoint, ref: Ref, watch: StartWatch | None,
+                      asked: profiles.ProfileRefFetch | None = None) -> None:
+        """Use a startup profile for the version, or record one for the grid (`asked`: its
+        profile ref's fetch, started with the ref's)."""
         if watch is None or self.nursery is None:
             return
         old = self._profile_scopes.pop(mp.name, None)
@@ -258,7 +273,7 @@ class Mounts:
             with scope:
                 try:
                     await profiles.cold_start(self.ops.catalog, mp, ref, watch, trusted=trusted,
-                                              timeout=self._config().main.fetch_timeout)
+                                              timeout=self._config().main.fetch_timeout, asked=asked)
                 except Exception:
                     log.exception("mount %s: startup profile failed", mp.name,
                                   extra={"AYSFS_MOUNT": mp.name, "AYS_ID": mp.cfg.id})

@@ -35,6 +35,7 @@ log = logging.getLogger("aysfsd.tree.profile")
 
 WINDOW = 24  # profile items fetched at once (the HTTP pool holds 32 connections: some stay the reader's)
 PACK_WORTH = 0.5  # a pack is fetched whole when the profile reads at least this share of its bytes
+EARLY_ITEMS = WINDOW  # a ref's profile items fetched before the tree is here to place them (at most)
 READER_CONNECTIONS = 4  # connections opened ahead for the reader's own misses, beside WINDOW
 LOGGED_IGNORED = 5  # ignored items logged one by one; the rest are counted
 RECORD_SECONDS = 300.0  # an automatic recording ends after this long (from the first need)
@@ -47,36 +48,61 @@ def _extra(mp: MountPoint) -> dict[str, str]:
 # -- finding ------------------------------------------------------------------------------------
 
 
-async def from_ref(fetcher: Fetcher, mp: MountPoint, ref: Ref, trusted: list[str],
-                   timeout: float) -> tuple[str, Profile] | None:
-    """The profile named by the ref published beside `ref` (same fields), if any and valid."""
-    rel = profile_ref_path(mp.cfg.id)
-    for src in sorted(fetcher.stors, key=lambda s: s.is_down()):
+class ProfileRefFetch:
+    """The profile ref of a version (`<id>.profile`, see layout.profile_ref_path), from the first
+    stor that has one. Its name comes from the ays id alone, so a mount that may start cold asks
+    for it beside its ref (a round trip earlier than after it): its profile blob then leaves
+    with the tree's index and root object."""
+
+    def __init__(self, fetcher: Fetcher, ays_id: str, timeout: float) -> None:
+        self.fetcher = fetcher
+        self.ays_id = ays_id
+        self.timeout = timeout
+        self.found: tuple[str, bytes] | None = None  # (stor, the ref's bytes), once done
+        self.done = trio.Event()
+
+    async def run(self) -> None:
+        rel = profile_ref_path(self.ays_id)
         try:
-            with trio.fail_after(max(1.0, timeout)):
-                raw = await src.store.fetch(rel)
-        except (StoreError, trio.TooSlowError):
-            continue
-        if raw is None:
-            continue
-        try:
-            pref = decode_ref(raw, mp.cfg.id)
-            if (pref.root, pref.revision, pref.time) != (ref.root, ref.revision, ref.time) or not pref.profile:
-                log.debug("mount %s: the profile ref at %s is for another version", mp.name, src.name,
-                          extra=_extra(mp))
-                return None
-            if trusted:
-                verify(pref, trusted)
-            # the profile's first fetches go out together once it and the tree are here, a
-            # round trip from now: their connections are opened meanwhile
-            fetcher.warm(WINDOW + READER_CONNECTIONS)
-            data = await fetcher.get(pref.profile, local=False, grid=False)
-            return pref.profile, decode(data, ref.root)
-        except (RefError, ProfileError, FetchError) as e:
-            log.error("mount %s: refused the profile named by the ref at %s: %s", mp.name, src.name, e,
-                      extra=_extra(mp))
+            for src in sorted(self.fetcher.stors, key=lambda s: s.is_down()):
+                try:
+                    with trio.fail_after(max(1.0, self.timeout)):
+                        raw = await src.store.fetch(rel)
+                except (StoreError, trio.TooSlowError):
+                    continue
+                if raw is not None:
+                    self.found = (src.name, raw)
+                    return
+        finally:
+            self.done.set()
+
+
+async def from_ref(fetcher: Fetcher, mp: MountPoint, ref: Ref, trusted: list[str], timeout: float,
+                   asked: ProfileRefFetch | None = None) -> tuple[str, Profile] | None:
+    """The profile named by the ref published beside `ref` (same fields), if any and valid;
+    `asked`: that ref's fetch, started before `ref` was known."""
+    if asked is None:
+        asked = ProfileRefFetch(fetcher, mp.cfg.id, timeout)
+        await asked.run()
+    await asked.done.wait()
+    if asked.found is None:
+        return None
+    name, raw = asked.found
+    try:
+        pref = decode_ref(raw, mp.cfg.id)
+        if (pref.root, pref.revision, pref.time) != (ref.root, ref.revision, ref.time) or not pref.profile:
+            log.debug("mount %s: the profile ref at %s is for another version", mp.name, name, extra=_extra(mp))
             return None
-    return None
+        if trusted:
+            verify(pref, trusted)
+        # the profile's first fetches go out together once it is here, a round trip from now:
+        # their connections are opened meanwhile
+        fetcher.warm(WINDOW + READER_CONNECTIONS)
+        data = await fetcher.get(pref.profile, local=False, grid=False)
+        return pref.profile, decode(data, ref.root)
+    except (RefError, ProfileError, FetchError) as e:
+        log.error("mount %s: refused the profile named by the ref at %s: %s", mp.name, name, e, extra=_extra(mp))
+        return None
 
 
 async def from_grid(fetcher: Fetcher, mp: MountPoint, root: str) -> Profile | None:
@@ -159,13 +185,19 @@ def _worth_pack(pack: str, size: int, entries: list[Entry], names: set[str]) -> 
     return read >= PACK_WORTH * size
 
 
-async def play(catalog: Catalog, mp: MountPoint, profile: Profile, use: ProfileUse) -> None:
+async def play(catalog: Catalog, mp: MountPoint, profile: Profile, use: ProfileUse, *, early: bool = False) -> None:
     """Fetch the blobs a profile names, in its order, WINDOW at a time; items the tree does not
     name at their place are ignored with a log line.
 
     One task resolves the items in order through the tree (starting each directory object's
     load as soon as its place is checked) and hands the blobs to WINDOW fetchers in that
-    order: what the stor sees is the profile's order, however long each fetch takes."""
+    order: what the stor sees is the profile's order, however long each fetch takes.
+
+    `early` (a profile named by the ref, so trusted as the ref is): until the tree is here to
+    place the first file item, up to EARLY_ITEMS file items go out by their hash alone, a round
+    trip before the tree would let them. Each is checked against its hash like every blob, and
+    placed by the tree afterwards like every item (one it does not name is counted ignored):
+    a wrong one costs its bytes, never the reader's."""
     fetcher = catalog.fetcher
     cfg = mp.cfg
     root = profile.root
@@ -173,6 +205,7 @@ async def play(catalog: Catalog, mp: MountPoint, profile: Profile, use: ProfileU
     first_blobs = _first_blobs(profile)
     whole: dict[str, bool] = {}  # pack -> fetched whole (else its files the profile reads, alone)
     send, recv = trio.open_memory_channel[Target](0)  # a fetcher takes the next blob when free
+    placed = trio.Event()  # the tree has placed a file item: no more items go out unplaced
 
     def ignore(n: int, item: Item, why: str) -> None:
         use.ignored += 1
@@ -205,6 +238,8 @@ async def play(catalog: Catalog, mp: MountPoint, profile: Profile, use: ProfileU
         if e.kind != KIND_FILE or item.index >= len(pieces) or pieces[item.index] != (item.hash, item.size):
             ignore(n, item, "the tree names another blob (or size) there")
             return None
+        if item.hash in started:  # (fetched ahead of the tree, or named twice)
+            return None
         if item.index == 0 and e.pack:
             if e.pack in started or not fetcher.missing(item.hash):
                 return None
@@ -215,10 +250,22 @@ async def play(catalog: Catalog, mp: MountPoint, profile: Profile, use: ProfileU
             if w:
                 started.add(e.pack)
                 return e.pack, item.hash, e.pack_size, pack_members(entries, KIND_FILE).get(e.pack, [])
-        if item.hash in started or not fetcher.missing(item.hash):
+        if not fetcher.missing(item.hash):
             return None
         started.add(item.hash)
         return item.hash, item.hash, item.size, []
+
+    async def ahead(send: trio.MemorySendChannel[Target]) -> None:
+        async with send:
+            sent = 0
+            for item in profile.items:
+                if placed.is_set() or sent == EARLY_ITEMS:
+                    return
+                if item.index == DIR_INDEX or item.hash in started or not fetcher.missing(item.hash):
+                    continue
+                started.add(item.hash)
+                sent += 1
+                await send.send((item.hash, item.hash, item.size, []))
 
     async def resolve() -> None:
         async with send, trio.open_nursery() as dirs:
@@ -228,6 +275,9 @@ async def play(catalog: Catalog, mp: MountPoint, profile: Profile, use: ProfileU
                 except (FetchError, pyfuse3.FUSEError) as e:
                     failed(f"item {n} ({item.path!r})", e)
                     continue
+                finally:
+                    if item.index != DIR_INDEX:  # (a directory's place comes before its files')
+                        placed.set()
                 if place is None:
                     ignore(n, item, "no such path in this version")
                     continue
@@ -251,6 +301,8 @@ async def play(catalog: Catalog, mp: MountPoint, profile: Profile, use: ProfileU
                 use.fetched_bytes += size
 
     async with trio.open_nursery() as nursery:
+        if early:
+            nursery.start_soon(ahead, send.clone())
         nursery.start_soon(resolve)
         for _ in range(WINDOW):
             nursery.start_soon(fetch, recv.clone())
@@ -282,9 +334,10 @@ def arm(fetcher: Fetcher, mp: MountPoint, ref: Ref, idle: float) -> StartWatch:
 
 
 async def cold_start(catalog: Catalog, mp: MountPoint, ref: Ref, watch: StartWatch, *, trusted: list[str],
-                     timeout: float) -> None:
+                     timeout: float, asked: ProfileRefFetch | None = None) -> None:
     """Find and play a profile for `ref`'s version, or record one for the grid (see the module
-    docstring), with the watch `arm` gave. Runs in the background once the mount is up."""
+    docstring), with the watch `arm` gave. Runs in the background once the mount is up;
+    `asked`: the profile ref's fetch, when the mount started it beside its ref."""
     fetcher = catalog.fetcher
     use = mp.profile
     if use is None or use.watch is not watch:
@@ -294,7 +347,7 @@ async def cold_start(catalog: Catalog, mp: MountPoint, ref: Ref, watch: StartWat
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch.run)
             nursery.start_soon(_load_tree, catalog, mp, ref.root)
-            found: tuple[str, Profile] | None = await from_ref(fetcher, mp, ref, trusted, timeout)
+            found: tuple[str, Profile] | None = await from_ref(fetcher, mp, ref, trusted, timeout, asked)
             if found is not None:
                 use.source, use.hash = "ref", found[0]
             else:
@@ -311,7 +364,7 @@ async def cold_start(catalog: Catalog, mp: MountPoint, ref: Ref, watch: StartWat
                 watch.measure({i.hash for i in profile.items})
                 log.info("mount %s: startup profile from the %s: %d items, fetching ahead", mp.name, use.source,
                          use.items, extra=_extra(mp))
-                await play(catalog, mp, profile, use)
+                await play(catalog, mp, profile, use, early=use.source == "ref")
                 use.state = "done"
                 log.info("mount %s: startup profile fetched: %d blobs (%d bytes), %d items ignored, %d errors",
                          mp.name, use.fetched_blobs, use.fetched_bytes, use.ignored, use.errors, extra=_extra(mp))
