@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import pytest
 
 from aysfsd.fuse.profiles import EARLY_ITEMS, PACK_WORTH, WINDOW
-from aysfsd.stores.layout import grid_profile_path, profile_ref_path, ref_path
+from aysfsd.stores.layout import grid_profile_path, profile_ref_path, ref_path, start_path
 from aysfsd.tree.objects import CHUNK_SIZE
 from aysfsd.tree.packs import tree_path
 from aysfsd.tree.profile import DIR_INDEX, Item, Profile, ProfileError, decode
@@ -401,14 +401,15 @@ def test_a_reader_ahead_of_the_profile_fetches_its_file_alone_not_its_directory_
     assert all(gets.count(m.hash) == 1 for m in mods)
 
 
-def test_a_cold_start_asks_for_the_profile_ref_with_the_ref_and_its_first_items_with_the_tree(
-        work: Path, tree: Path, stor: Nginx) -> None:
-    """Behind a 100 ms round trip, seen at the stor: a node that may start cold asks for the
-    profile ref beside the ref (not a round trip after it), and the first items of the profile
-    it names go out by their hash when the profile is here, beside the tree's packs (not a round
-    trip after the tree placed them), EARLY_ITEMS at most. An item the tree does not name at its
-    place costs its bytes only: counted ignored, the reader gets the tree's bytes. A restart of
-    the node with the version cached does not ask for the profile ref."""
+def test_a_cold_start_asks_for_the_profile_ref_and_start_file_with_the_ref(work: Path, tree: Path, stor: Nginx) -> None:
+    """Behind a 100 ms round trip, seen at the stor. A node that may start cold asks for the
+    profile ref and the start file beside the ref (not a round trip after it); the start file
+    carries the profile (its blob is not asked for) and the tree packs (the tree index is not
+    asked for), so the packs and the profile's first items leave a round trip after the ref.
+    Without a start file (an older publish), the profile's first items go out by their hash as
+    soon as the profile is here, before the tree could place them, EARLY_ITEMS at most: an item
+    the tree does not name at its place then costs its bytes only (counted ignored; the reader
+    gets the tree's bytes). A restart with the version cached asks for neither file."""
     root = publish(tree, stor.url)
     other = work / "other"
     other.mkdir()
@@ -425,30 +426,46 @@ def test_a_cold_start_asks_for_the_profile_ref_with_the_ref_and_its_first_items_
     assert len(items) > EARLY_ITEMS
     (work / "p").write_bytes(Profile(root, tuple(items)).encode())
     publish(tree, stor.url, "--profile", str(work / "p"))
+    profile_hash = decode_ref((stor.root / profile_ref_path(AYS)).read_bytes(), AYS).profile
     packs = {p[0] for p in json.loads((stor.root / tree_path(root)).read_bytes())["packs"]}
     assert packs
     mnt = work / "mnt"
     delay = 50.0
     rtt = 2 * delay / 1000
-    stor.access_log.write_text("")  # type: ignore[union-attr]
-    with SlowLink(stor.port, work / "link", delay_ms=delay) as slow:
-        text = config(work / "n", [{"url": slow.url}], [{"id": AYS, "mnt": str(mnt)}])
-        with start(work, "n", text, [mnt]):
-            p = wait_profile(work, "n", "done")
-            assert p["source"] == "ref" and p["ignored"] == 1 and p["errors"] == 0
-            for rel in files:
-                assert (mnt / rel).read_bytes() == (tree / rel).read_bytes(), rel
+    ref_name = ref_path(AYS).rsplit("/", 1)[1]
+
+    def cold_start(name: str) -> tuple[dict[str, float], list[str]]:
+        """(when each path's last component was first asked for, the paths asked for)"""
+        stor.access_log.write_text("")  # type: ignore[union-attr]
+        with SlowLink(stor.port, work / f"link-{name}", delay_ms=delay) as slow:
+            text = config(work / name, [{"url": slow.url}], [{"id": AYS, "mnt": str(mnt)}])
+            with start(work, name, text, [mnt]):
+                p = wait_profile(work, name, "done")
+                assert p["source"] == "ref" and p["ignored"] == 1 and p["errors"] == 0
+                for rel in files:
+                    assert (mnt / rel).read_bytes() == (tree / rel).read_bytes(), rel
         first: dict[str, float] = {}
         for t, path in stor.timed_requests():
             first.setdefault(unquote(path).rsplit("/", 1)[1], t)
-        ref_name = ref_path(AYS).rsplit("/", 1)[1]
         assert abs(first[ref_name + ".profile"] - first[ref_name]) < rtt / 2, "the profile ref a round trip late"
-        back = min(first[h] for h in packs) + rtt / 2  # a request after the tree's packs came back is later
-        early = [i.hash for i in items if first.get(i.hash, back) < back]
-        assert items[0].hash in early and foreign in early, "the profile's first items waited for the tree"
-        assert len(early) <= EARLY_ITEMS
+        assert abs(first[ref_name + ".start"] - first[ref_name]) < rtt / 2, "the start file a round trip late"
+        return first, [unquote(r) for r in stor.requests()]
 
-        stor.access_log.write_text("")  # type: ignore[union-attr]
-        with start(work, "n", text, [mnt]):
-            assert (mnt / files[0]).read_bytes() == (tree / files[0]).read_bytes()
-        assert stor.requests() and not [r for r in stor.requests() if r.endswith(".profile")]
+    first, asked = cold_start("a")
+    assert profile_hash not in first and f"/{tree_path(root)}" not in asked
+    t0 = first[ref_name]
+    assert min(first[h] for h in packs) < t0 + 1.5 * rtt, "the tree packs two round trips after the ref"
+    assert first[items[0].hash] < t0 + 1.5 * rtt, "the profile's first item two round trips after the ref"
+
+    (stor.root / start_path(AYS)).unlink()
+    first, asked = cold_start("b")
+    assert profile_hash in first and f"/{tree_path(root)}" in asked
+    back = min(first[h] for h in packs) + rtt / 2  # a request after the tree's packs came back is later
+    early = [i.hash for i in items if first.get(i.hash, back) < back]
+    assert items[0].hash in early and foreign in early, "the profile's first items waited for the tree"
+    assert len(early) <= EARLY_ITEMS
+
+    stor.access_log.write_text("")  # type: ignore[union-attr]
+    with start(work, "b", config(work / "b", [{"url": stor.url}], [{"id": AYS, "mnt": str(mnt)}]), [mnt]):
+        assert (mnt / files[0]).read_bytes() == (tree / files[0]).read_bytes()
+    assert stor.requests() and not [r for r in stor.requests() if r.endswith((".profile", ".start"))]

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from aysfsd.stores import DirStore, Store
-from aysfsd.stores.layout import blob_path
+from aysfsd.stores.layout import blob_path, start_path
 from aysfsd.tiers import Fetcher, Source
 from aysfsd.tiers.local import LocalCache
 from aysfsd.tree.objects import PACK_SIZE, decode_dir
@@ -31,8 +31,9 @@ from aysfsd.tree.packs import (
     plan,
     tree_path,
 )
+from aysfsd.tree.start import StartFileError, decode_start, encode_start
 from bench.slowlink import SlowLink
-from tests.harness import AYS, config, publish, start, status, tree_listing, wait_for
+from tests.harness import AYS, aysctl, config, publish, start, status, tree_listing, wait_for
 from tests.servers import ForwardProxy, Nginx
 
 DEPTH = 12
@@ -179,7 +180,10 @@ def test_cold_walk_costs_a_few_requests_not_one_per_level(work: Path, deep: tupl
     with_packs, _ = cold_walk(work, "packs", nginx_stor, stor_proxy, src, via=stor_link.url)
     # the root object, its subdirectories' pack (asked while the index comes), the tree pack
     assert with_packs <= 3
-    (nginx_stor.root / tree_path(root)).unlink()  # as published by an older aysctl
+    (nginx_stor.root / tree_path(root)).unlink()  # the start file lists the packs too
+    start_only, _ = cold_walk(work, "start", nginx_stor, stor_proxy, src, via=stor_link.url)
+    assert start_only <= 3
+    (nginx_stor.root / start_path(AYS)).unlink()  # as published by an older aysctl
     without, _ = cold_walk(work, "old", nginx_stor, stor_proxy, src, via=stor_link.url)
     assert without >= DEPTH  # one level after another
     assert stor_link.stats().bytes_down > 0  # the daemon's requests did cross the link
@@ -189,7 +193,8 @@ def test_a_cold_mount_loads_its_tree_before_the_first_lookup(work: Path, deep: t
                                                             nginx_stor: Nginx, stor_proxy: ForwardProxy) -> None:
     """A cold start fetches the version's root object and tree packs at once, beside the search
     for a startup profile (the reader right after the mount, an app start, finds them on their
-    way), and no file content: the walk after it asks the stor nothing."""
+    way), and no file content: the walk after it asks the stor nothing. The packs are listed by
+    the start file, asked for with the ref: the tree index is not asked for."""
     src, root = deep
     mnt = work / "mnt"
     text = config(work / "n", [{"url": nginx_stor.url, "proxy": stor_proxy.url}], [{"id": AYS, "mnt": str(mnt)}])
@@ -197,7 +202,8 @@ def test_a_cold_mount_loads_its_tree_before_the_first_lookup(work: Path, deep: t
     with start(work, "n", text, [mnt]):
         wait_for(lambda: status(work, "n")["cache"]["tree_packs"] >= 1, 15, "the tree packs, with nobody reading")
         ahead = {path for (m, _, path), _ in stor_proxy.seen.items() if m == "GET"}
-        assert f"/{tree_path(root)}" in ahead and blob_gets(stor_proxy) <= 3  # root object, tree pack(s)
+        assert f"/{start_path(AYS).replace('%', '%25')}" in ahead and f"/{tree_path(root)}" not in ahead
+        assert blob_gets(stor_proxy) <= 3  # root object, tree pack(s)
         stor_proxy.seen.clear()
         assert meta_listing(mnt) == meta_listing(src)
         assert blob_gets(stor_proxy) == 0
@@ -217,17 +223,58 @@ def test_damaged_tree_pack_falls_back_and_the_listing_is_exact(work: Path, deep:
         pack.write_bytes(data.replace(b'"t":"f"', b'"t":"l"', 1))
     elif damage == "truncated":
         pack.write_bytes(data[: len(data) // 2])
-    elif damage == "bad index":
+    elif damage == "bad index":  # and a bad start file: the index is then asked for
         (nginx_stor.root / tree_path(root)).write_bytes(b'{"aysfs":"trees","v":1,')
-    else:  # an index naming foreign blobs: refused as a whole
+        (nginx_stor.root / start_path(AYS)).write_bytes(b'{"aysfs":"start","v":1,')
+    else:  # an index and a start file naming foreign blobs: refused as a whole
         idx["packs"][0][2][0][1] += 1  # type: ignore[index]
         (nginx_stor.root / tree_path(root)).write_text(json.dumps(idx))
+        sf = json.loads((nginx_stor.root / start_path(AYS)).read_bytes())
+        sf["packs"] = idx["packs"]
+        (nginx_stor.root / start_path(AYS)).write_text(json.dumps(sf))
     gets, log = cold_walk(work, "d", nginx_stor, stor_proxy, src)
     assert gets >= DEPTH  # the objects came one by one (or per level): slower, exact
     if damage in ("corrupt", "truncated"):
         assert f"corrupt blob {idx['packs'][0][0]}" in log  # type: ignore[index]
     if damage in ("bad index", "hostile index"):
-        assert f"tree index of {root}" in log and "ignored" in log
+        assert f"tree index of {root}" in log and f"start file for {root}" in log and "ignored" in log
+
+
+def test_start_file_round_trip_and_refusals() -> None:
+    a, b = "cd" * 32, "ef" * 32
+    data = encode_start(H, [(H, [(a, 10), (b, 20)])], b"profile \xff bytes")
+    sf = decode_start(data, H)
+    assert sf.root == H and sf.profile == b"profile \xff bytes"
+    assert [(p.hash, p.size, p.members) for p in sf.packs] == [(H, 30, ((a, 0, 10), (b, 10, 20)))]
+    assert decode_start(encode_start(H, [], None), H) == decode_start(b'{"aysfs":"start","v":1,"root":"%s","packs":[]}'
+                                                                      % H.encode(), H)
+    with pytest.raises(StartFileError, match="another version"):
+        decode_start(data, a)
+    good = json.loads(data)
+    for bad in (b"{", json.dumps({**good, "v": 2}).encode(), json.dumps({**good, "extra": 1}).encode(),
+                json.dumps({**good, "profile": "not base64!"}).encode(), json.dumps({**good, "profile": 7}).encode(),
+                json.dumps({**good, "packs": [[H, 31, [[a, 10], [b, 20]]]]}).encode(),
+                json.dumps({**good, "packs": [[H, 10, [[H, 10]]]]}).encode()):
+        with pytest.raises(StartFileError, match=f"start file for {H}"):
+            decode_start(bad, H)
+
+
+def test_a_start_file_of_another_version_is_ignored(work: Path, deep: tuple[Path, str], nginx_stor: Nginx,
+                                                     stor_proxy: ForwardProxy) -> None:
+    """A start file left by a publish under way (of the next version) is not used: the tree index
+    of the version the ref names is asked for instead, and the walk is as fast and exact."""
+    src, root = deep
+    other = work / "other"
+    (other / "d").mkdir(parents=True)
+    (other / "d" / "x").write_text("another version\n")
+    (other / "e").mkdir()
+    other_root = aysctl("publish", str(other), "--ays", "jumpscale|other!main", "--stor", nginx_stor.url).stdout.split()[1]
+    assert other_root != root
+    (nginx_stor.root / start_path(AYS)).write_bytes((nginx_stor.root / start_path("jumpscale|other!main")).read_bytes())
+    gets, log = cold_walk(work, "stale", nginx_stor, stor_proxy, src)
+    asked = {path for (m, _, path), _ in stor_proxy.seen.items() if m == "GET"}
+    assert f"/{tree_path(root)}" in asked and gets <= 3
+    assert f"start file for {root}: of another version" in log
 
 
 @asynccontextmanager

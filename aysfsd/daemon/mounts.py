@@ -22,6 +22,7 @@ from ..config import AysConfig, Config
 from ..debug.overlay import DebugOverlay
 from ..fuse import profiles, sysmount
 from ..fuse.ops import MountPoint, Operations
+from ..fuse.startfiles import StartAsk
 from ..fuse.startwatch import StartWatch
 from ..tiers import Fetcher
 from ..tiers.local import LocalCache
@@ -102,7 +103,7 @@ class Mounts:
     async def _bring_up(self, mp: MountPoint) -> None:
         # the requests that follow the ref (its profile, the tree's index and root) go out at once
         self.fetcher.warm(REF_CONNECTIONS)
-        asked = self._ask_profile_ref(mp)
+        asked = self._ask_start(mp)
         try:
             ref = await self.versions.resolve(mp)
         except LookupError as e:
@@ -245,22 +246,20 @@ class Mounts:
             return None
         return profiles.arm(self.fetcher, mp, ref, self._config().main.profile_idle)
 
-    def _ask_profile_ref(self, mp: MountPoint) -> profiles.ProfileRefFetch | None:
+    def _ask_start(self, mp: MountPoint) -> StartAsk | None:
         """At a mount's start, unless it last served a version still in the local cache (then it
-        most likely starts warm), its profile ref is asked for beside its ref."""
+        most likely starts warm), its profile ref and start file are asked for beside its ref."""
         if mp.cfg.debug or self.nursery is None:
             return None
         last = self.versions.last_good(mp.cfg.id)
         if last is not None and self.cache.has(last.root):
             return None
-        asked = profiles.ProfileRefFetch(self.fetcher, mp.cfg.id, self._config().main.fetch_timeout)
-        self.nursery.start_soon(asked.run)
-        return asked
+        return StartAsk(self.fetcher, mp.cfg.id, self._config().main.fetch_timeout, self.nursery)
 
     def start_profile(self, mp: MountPoint, ref: Ref, watch: StartWatch | None,
-                      asked: profiles.ProfileRefFetch | None = None) -> None:
+                      asked: StartAsk | None = None) -> None:
         """Use a startup profile for the version, or record one for the grid (`asked`: its
-        profile ref's fetch, started with the ref's)."""
+        profile ref and start file, asked for with the ref)."""
         if watch is None or self.nursery is None:
             return
         old = self._profile_scopes.pop(mp.name, None)

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from ..stores import StoreError
-from ..stores.layout import grid_profile_path, profile_ref_path
+from ..stores.layout import grid_profile_path, profile_ref_path, sha256_hex
 from ..tiers import Fetcher, FetchError
 from ..tree.objects import KIND_DIR, KIND_FILE, Entry, pack_members
 from ..tree.profile import DIR_INDEX, Item, Profile, ProfileError, decode
@@ -29,6 +29,7 @@ from ..tree.ref import Ref, RefError, decode_ref, verify
 from .catalog import Catalog
 from .nodes import MountPoint
 from .progress import ProfileUse
+from .startfiles import StartAsk, StorFile
 from .startwatch import StartWatch
 
 log = logging.getLogger("aysfsd.tree.profile")
@@ -38,6 +39,7 @@ PACK_WORTH = 0.5  # a pack is fetched whole when the profile reads at least this
 EARLY_ITEMS = WINDOW  # a ref's profile items fetched before the tree is here to place them (at most)
 READER_CONNECTIONS = 4  # connections opened ahead for the reader's own misses, beside WINDOW
 LOGGED_IGNORED = 5  # ignored items logged one by one; the rest are counted
+HASH_ON_LOOP = 1 << 20  # a carried profile bigger than this is hashed in a worker thread
 RECORD_SECONDS = 300.0  # an automatic recording ends after this long (from the first need)
 
 
@@ -48,46 +50,20 @@ def _extra(mp: MountPoint) -> dict[str, str]:
 # -- finding ------------------------------------------------------------------------------------
 
 
-class ProfileRefFetch:
-    """The profile ref of a version (`<id>.profile`, see layout.profile_ref_path), from the first
-    stor that has one. Its name comes from the ays id alone, so a mount that may start cold asks
-    for it beside its ref (a round trip earlier than after it): its profile blob then leaves
-    with the tree's index and root object."""
-
-    def __init__(self, fetcher: Fetcher, ays_id: str, timeout: float) -> None:
-        self.fetcher = fetcher
-        self.ays_id = ays_id
-        self.timeout = timeout
-        self.found: tuple[str, bytes] | None = None  # (stor, the ref's bytes), once done
-        self.done = trio.Event()
-
-    async def run(self) -> None:
-        rel = profile_ref_path(self.ays_id)
-        try:
-            for src in sorted(self.fetcher.stors, key=lambda s: s.is_down()):
-                try:
-                    with trio.fail_after(max(1.0, self.timeout)):
-                        raw = await src.store.fetch(rel)
-                except (StoreError, trio.TooSlowError):
-                    continue
-                if raw is not None:
-                    self.found = (src.name, raw)
-                    return
-        finally:
-            self.done.set()
-
-
 async def from_ref(fetcher: Fetcher, mp: MountPoint, ref: Ref, trusted: list[str], timeout: float,
-                   asked: ProfileRefFetch | None = None) -> tuple[str, Profile] | None:
+                   asked: StartAsk | None = None) -> tuple[str, Profile] | None:
     """The profile named by the ref published beside `ref` (same fields), if any and valid;
-    `asked`: that ref's fetch, started before `ref` was known."""
+    `asked`: that ref and the start file (which may carry the profile's bytes), asked for with
+    `ref`."""
     if asked is None:
-        asked = ProfileRefFetch(fetcher, mp.cfg.id, timeout)
-        await asked.run()
-    await asked.done.wait()
-    if asked.found is None:
+        pfile = StorFile(fetcher, profile_ref_path(mp.cfg.id), timeout)
+        await pfile.run()
+    else:
+        pfile = asked.profile_ref
+    found = await pfile.get()
+    if found is None:
         return None
-    name, raw = asked.found
+    name, raw = found
     try:
         pref = decode_ref(raw, mp.cfg.id)
         if (pref.root, pref.revision, pref.time) != (ref.root, ref.revision, ref.time) or not pref.profile:
@@ -98,11 +74,23 @@ async def from_ref(fetcher: Fetcher, mp: MountPoint, ref: Ref, trusted: list[str
         # the profile's first fetches go out together once it is here, a round trip from now:
         # their connections are opened meanwhile
         fetcher.warm(WINDOW + READER_CONNECTIONS)
-        data = await fetcher.get(pref.profile, local=False, grid=False)
+        data = await _carried(asked, ref.root, pref.profile)
+        if data is None:
+            data = await fetcher.get(pref.profile, local=False, grid=False)
         return pref.profile, decode(data, ref.root)
     except (RefError, ProfileError, FetchError) as e:
         log.error("mount %s: refused the profile named by the ref at %s: %s", mp.name, name, e, extra=_extra(mp))
         return None
+
+
+async def _carried(asked: StartAsk | None, root: str, h: str) -> bytes | None:
+    """The profile blob `h` as the start file of version `root` carries it, when it does."""
+    sf = await asked.start_file(root) if asked is not None else None
+    if sf is None or sf.profile is None:
+        return None
+    data = sf.profile
+    digest = await trio.to_thread.run_sync(sha256_hex, data) if len(data) > HASH_ON_LOOP else sha256_hex(data)
+    return data if digest == h else None
 
 
 async def from_grid(fetcher: Fetcher, mp: MountPoint, root: str) -> Profile | None:
@@ -309,9 +297,12 @@ async def play(catalog: Catalog, mp: MountPoint, profile: Profile, use: ProfileU
         await recv.aclose()
 
 
-async def _load_tree(catalog: Catalog, mp: MountPoint, root: str) -> None:
+async def _load_tree(catalog: Catalog, mp: MountPoint, root: str, asked: StartAsk | None) -> None:
     """The version's root object and tree packs, beside the search for a profile: the reader's
-    first lookup and the profile's first items need them (errors are the reader's to report)."""
+    first lookup and the profile's first items need them (errors are the reader's to report).
+    The packs are those of the start file when it is of this version."""
+    if asked is not None:
+        catalog.trees.start(root, grid=mp.cfg.cache_grid, asked=asked)
     try:
         await catalog.load_root(root, grid=mp.cfg.cache_grid)
     except (FetchError, pyfuse3.FUSEError) as e:
@@ -334,10 +325,10 @@ def arm(fetcher: Fetcher, mp: MountPoint, ref: Ref, idle: float) -> StartWatch:
 
 
 async def cold_start(catalog: Catalog, mp: MountPoint, ref: Ref, watch: StartWatch, *, trusted: list[str],
-                     timeout: float, asked: ProfileRefFetch | None = None) -> None:
+                     timeout: float, asked: StartAsk | None = None) -> None:
     """Find and play a profile for `ref`'s version, or record one for the grid (see the module
     docstring), with the watch `arm` gave. Runs in the background once the mount is up;
-    `asked`: the profile ref's fetch, when the mount started it beside its ref."""
+    `asked`: the profile ref and start file, when the mount asked for them beside its ref."""
     fetcher = catalog.fetcher
     use = mp.profile
     if use is None or use.watch is not watch:
@@ -346,7 +337,7 @@ async def cold_start(catalog: Catalog, mp: MountPoint, ref: Ref, watch: StartWat
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch.run)
-            nursery.start_soon(_load_tree, catalog, mp, ref.root)
+            nursery.start_soon(_load_tree, catalog, mp, ref.root, asked)
             found: tuple[str, Profile] | None = await from_ref(fetcher, mp, ref, trusted, timeout, asked)
             if found is not None:
                 use.source, use.hash = "ref", found[0]

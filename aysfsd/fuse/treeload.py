@@ -18,7 +18,8 @@ import trio
 
 from ..stores import StoreError
 from ..tiers import Fetcher, Source
-from ..tree.packs import TreeIndexError, TreePack, decode_index, tree_path
+from ..tree.packs import TreeIndexError, TreePack, decode_index, encode_index, tree_path
+from .startfiles import StartAsk
 
 log = logging.getLogger("aysfsd.fuse.treeload")
 
@@ -33,15 +34,16 @@ class TreeLoader:
         self.fetcher = fetcher
         self._claimed: OrderedDict[str, trio.Event] = OrderedDict()  # by root (bounded)
 
-    def start(self, root: str, *, grid: bool, packs: list[TreePack] | None = None) -> None:
-        """Load the tree packs of `root` (listed in `packs`, or its index) in the background
-        unless asked before."""
+    def start(self, root: str, *, grid: bool, packs: list[TreePack] | None = None,
+              asked: StartAsk | None = None) -> None:
+        """Load the tree packs of `root` (listed in `packs`, or in the start file `asked` for
+        with the ref when it is of `root`, or in its index) in the background unless asked before."""
         if root in self._claimed or self.fetcher.nursery is None:
             return
         claimed = self._claimed[root] = trio.Event()
         if len(self._claimed) > ROOTS_REMEMBERED:
             self._claimed.popitem(last=False)
-        self.fetcher.nursery.start_soon(self.load, root, grid, claimed, packs)
+        self.fetcher.nursery.start_soon(self.load, root, grid, claimed, packs, asked)
 
     def claiming(self, root: str) -> bool:
         """True while the tree index of `root` is being read and its packs' members claimed."""
@@ -56,11 +58,17 @@ class TreeLoader:
             await ev.wait()
 
     async def load(self, root: str, grid: bool, claimed: trio.Event | None = None,
-                   packs: list[TreePack] | None = None) -> int:
+                   packs: list[TreePack] | None = None, asked: StartAsk | None = None) -> int:
         """Fetch the tree packs of `root` (those with members not cached); the count fetched.
         `grid`: the mount's cache.grid (write-back of the index and packs to grid caches)."""
         done = 0
         try:
+            if packs is None and asked is not None:
+                sf = await asked.start_file(root)
+                if sf is not None:
+                    packs = sf.packs
+                    if grid and sf.packs and self.fetcher.nursery is not None:
+                        self.fetcher.nursery.start_soon(self._share_index, root, sf.packs)
             if packs is None:
                 packs = await self.index(root, write_back=grid)
             done = await self.fetcher.load_packs([(p.hash, list(p.members)) for p in packs], grid=grid,
@@ -107,6 +115,22 @@ class TreeLoader:
                     await self._write_back(g, rel, data)
             return packs
         return []
+
+    async def _share_index(self, root: str, packs: list[TreePack]) -> None:
+        """The index of packs found in a start file, to the writable grid caches without it:
+        a node that reaches no stor finds it there (see index)."""
+        rel = tree_path(root)
+        data = encode_index(root, [(p.hash, [(m, s) for m, _, s in p.members]) for p in packs])
+        for g in self.fetcher.grid:
+            if not g.writable or g.is_down():
+                continue
+            try:
+                with trio.move_on_after(self.fetcher.timeout):
+                    if await g.store.contains(rel):
+                        continue
+            except StoreError:
+                continue
+            await self._write_back(g, rel, data)
 
     async def _write_back(self, g: Source, rel: str, data: bytes) -> None:
         try:

@@ -4,6 +4,7 @@
     <root>/refs/<escaped ays id>               a ref (JSON, see aysfsd.tree.ref)
     <root>/trees/<root hash>                   a version's tree index (JSON, see aysfsd.tree.packs)
     <root>/refs/<escaped ays id>.profile       the same ref naming a startup profile (stors)
+    <root>/refs/<escaped ays id>.start         what a cold start needs first, by id (JSON, see aysfsd.tree.start)
     <root>/profiles/<root hash>                a startup profile of that version (grid caches)
 
 Blobs are stored plain so that any web server can serve them and a byte range of a
@@ -56,6 +57,11 @@ def profile_ref_path(ays_id: str) -> str:
     """The ref that also names a startup profile; a separate file, so that daemons that know
     no profiles keep reading the plain ref (an escaped id has no '.': no clash)."""
     return f"refs/{escape_id(ays_id)}.profile"
+
+
+def start_path(ays_id: str) -> str:
+    """The start file of `ays_id` (see aysfsd.tree.start), beside its ref."""
+    return f"refs/{escape_id(ays_id)}.start"
 
 
 def grid_profile_path(root: str) -> str:

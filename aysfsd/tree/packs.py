@@ -75,10 +75,14 @@ def plan(objects: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
     return packs
 
 
+def packs_json(packs: list[tuple[str, list[tuple[str, int]]]]) -> list[object]:
+    """An index's `packs` list: packs as (pack hash, [(member hash, size), ...])."""
+    return [[h, sum(s for _, s in ms), [[m, s] for m, s in ms]] for h, ms in packs]
+
+
 def encode_index(root: str, packs: list[tuple[str, list[tuple[str, int]]]]) -> bytes:
     """Canonical bytes of a tree index: packs as (pack hash, [(member hash, size), ...])."""
-    obj = {"aysfs": "trees", "v": 1, "root": root,
-           "packs": [[h, sum(s for _, s in ms), [[m, s] for m, s in ms]] for h, ms in packs]}
+    obj = {"aysfs": "trees", "v": 1, "root": root, "packs": packs_json(packs)}
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -88,7 +92,8 @@ def _hash(v: object) -> str:
     return v
 
 
-def _pack(raw: object) -> TreePack:
+def decode_pack(raw: object) -> TreePack:
+    """One pack of an index's `packs` list, validated."""
     if not isinstance(raw, list) or len(raw) != 3 or type(raw[1]) is not int or not isinstance(raw[2], list):
         raise TreeIndexError(f"bad pack {raw!r:.80}")
     h, size, ms = _hash(raw[0]), raw[1], raw[2]
@@ -108,6 +113,16 @@ def _pack(raw: object) -> TreePack:
     return TreePack(h, size, tuple(members))
 
 
+def decode_packs(raw: object) -> list[TreePack]:
+    """An index's `packs` list, validated and bounded."""
+    if not isinstance(raw, list) or len(raw) > TREE_MAX_PACKS:
+        raise TreeIndexError(f"packs must be a list of at most {TREE_MAX_PACKS}")
+    packs = [decode_pack(p) for p in raw]
+    if sum(len(p.members) for p in packs) > MAX_MEMBERS:
+        raise TreeIndexError(f"more than {MAX_MEMBERS} members")
+    return packs
+
+
 def decode_index(data: bytes, root: str) -> list[TreePack]:
     """Parse and validate the tree index of `root`; an index of another root is refused."""
     try:
@@ -121,13 +136,7 @@ def decode_index(data: bytes, root: str) -> list[TreePack]:
             raise TreeIndexError(f"unknown fields {sorted(unknown)}")
         if obj.get("root") != root:
             raise TreeIndexError(f"names another root {obj.get('root')!r:.80}")
-        raw = obj.get("packs")
-        if not isinstance(raw, list) or len(raw) > TREE_MAX_PACKS:
-            raise TreeIndexError(f"packs must be a list of at most {TREE_MAX_PACKS}")
-        packs = [_pack(p) for p in raw]
-        if sum(len(p.members) for p in packs) > MAX_MEMBERS:
-            raise TreeIndexError(f"more than {MAX_MEMBERS} members")
-        return packs
+        return decode_packs(obj.get("packs"))
     except TreeIndexError as e:
         raise TreeIndexError(f"tree index of {root}: {e}") from None
     except (ValueError, RecursionError) as e:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..stores import Store
-from ..stores.layout import blob_path, profile_ref_path, ref_path
+from ..stores.layout import blob_path, profile_ref_path, ref_path, start_path
 from .objects import (
     CHUNK_SIZE,
     KIND_DIR,
@@ -28,6 +28,7 @@ from .objects import (
 from .packs import TREE_MAX_PACKS, TREE_PACK_SIZE, encode_index, plan, tree_path
 from .profile import decode as decode_profile
 from .ref import Ref, decode_ref, new_ref, public_key_text, sign
+from .start import StartFileError, decode_start, encode_start
 
 
 @dataclass
@@ -135,8 +136,8 @@ class Publisher:
             self._walk_bytes += len(data)
         return h, data
 
-    def _tree_packs(self, root: str) -> None:
-        """Write the version's tree packs and its tree index (see aysfsd.tree.packs)."""
+    def _tree_packs(self, root: str) -> list[tuple[str, list[tuple[str, int]]]]:
+        """Write the version's tree packs and its tree index (see aysfsd.tree.packs); the packs."""
         listed: list[tuple[str, list[tuple[str, int]]]] = []
         for members in plan([(h, d) for h, d in self._walk if h]):
             data = b"".join(d for _, d in members)
@@ -146,11 +147,27 @@ class Publisher:
         self._walk.clear()
         self.result.tree_packs = len(listed)
         if not listed:
-            return
+            return listed
         index = encode_index(root, listed)
         rel = tree_path(root)
         if self.store.read(rel) != index:
             self.store.write(rel, index)
+        return listed
+
+    def _start_file(self, ays_id: str, root: str, packs: list[tuple[str, list[tuple[str, int]]]],
+                    profile: bytes | None) -> None:
+        """Write the start file (see aysfsd.tree.start); a publish of the same version without a
+        profile keeps the one it carries."""
+        rel = start_path(ays_id)
+        old = self.store.read(rel)
+        if profile is None and old is not None:
+            try:
+                profile = decode_start(old, root).profile
+            except StartFileError:
+                pass
+        data = encode_start(root, packs, profile)
+        if old != data:
+            self.store.write(rel, data)
 
     def _upload_pack(self, h: str, data: bytes) -> None:
         self.result.packs += 1
@@ -170,7 +187,8 @@ class Publisher:
                                  "record it again on this version")
             ph = hashlib.sha256(profile).hexdigest()
             self._upload(ph, profile)
-        self._tree_packs(root)  # before the ref: a node that sees the ref finds them
+        packs = self._tree_packs(root)  # before the ref: a node that sees the ref finds them
+        self._start_file(ays_id, root, packs, profile)
         rel = ref_path(ays_id)
         raw = self.store.read(rel)
         old = decode_ref(raw, ays_id) if raw is not None else None
