@@ -84,6 +84,15 @@ def app_start(mnt: Path, src: Path) -> None:
         assert (mnt / rel).read_bytes() == (src / rel).read_bytes(), rel
 
 
+def foreign_blob(work: Path, stor: Nginx, text: str) -> str:
+    """The hash of a blob of another tree, published to the same stor."""
+    other = work / "other"
+    other.mkdir()
+    (other / "secret.txt").write_text(text)
+    aysctl("publish", str(other), "--ays", "jumpscale|other!main", "--stor", stor.url)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def blob_gets(stor: Nginx) -> list[str]:
     return [p.rsplit("/", 1)[1] for p in stor.requests() if p.startswith("/blobs/")]
 
@@ -244,11 +253,7 @@ def test_second_node_learns_the_profile_from_the_grid_and_fetches_in_its_order(
 
 def test_hostile_profiles_cost_no_bytes(work: Path, tree: Path, stor: Nginx) -> None:
     root = publish(tree, stor.url)
-    other = work / "other"
-    other.mkdir()
-    (other / "secret.txt").write_text("not of this tree\n" * 100)
-    aysctl("publish", str(other), "--ays", "jumpscale|other!main", "--stor", stor.url)
-    foreign = hashlib.sha256((other / "secret.txt").read_bytes()).hexdigest()
+    foreign = foreign_blob(work, stor, "not of this tree\n" * 100)
     json_init = tree / "lib/json/__init__.py"
     good = hashlib.sha256((tree / "bin/tool.sh").read_bytes()).hexdigest()
     grid = work / "grid"
@@ -411,11 +416,7 @@ def test_a_cold_start_asks_for_the_profile_ref_and_start_file_with_the_ref(work:
     the tree does not name at its place then costs its bytes only (counted ignored; the reader
     gets the tree's bytes). A restart with the version cached asks for neither file."""
     root = publish(tree, stor.url)
-    other = work / "other"
-    other.mkdir()
-    (other / "parser.py").write_text("# not of this tree\n" * 50)
-    aysctl("publish", str(other), "--ays", "jumpscale|other!main", "--stor", stor.url)
-    foreign = hashlib.sha256((other / "parser.py").read_bytes()).hexdigest()
+    foreign = foreign_blob(work, stor, "# not of this tree\n" * 50)
     files = [rel for rel in START if rel != "data/big.bin"]
 
     def item(rel: str) -> Item:
