@@ -1,7 +1,9 @@
 """Loading a version's tree packs (see aysfsd.tree.packs) on the first lookup in its mount.
 
-The tree index comes from the first grid cache or stor that has it (written back to the grid
-caches before it, like a blob: it is trusted for nothing), then its packs are
+The pack list comes from the start file the mount asked for with its ref, when that is of
+this version (see aysfsd.tree.start; the index is then given to writable grid caches without
+it), else from the tree index of the first grid cache or stor that has it (written back to the
+grid caches before it, like a blob: it is trusted for nothing); then the packs are
 fetched in parallel, a few at a time, through the fetcher: each pack checked against its
 hash, each member against its own, members stored in the local cache as blobs of their own
 (a pack is never kept whole), and a reader that needs a member meanwhile waits for its pack
