@@ -69,6 +69,7 @@ class AysConfig:
     prefetch_local: bool = False
     prefetch_grid: bool = False
     debug: bool = False
+    import_hints: bool = True  # follow a cold Python start's imports ahead (aysfsd.fuse.importhints)
     trusted_keys: tuple[str, ...] | None = None  # None: [main] trusted_keys apply
 
 
@@ -477,7 +478,7 @@ _STOR_KEYS = ("url", "cache.expiration", "timeout", "proxy", "ssh.key", "ssh.kno
               "low_speed_limit", "low_speed_time")
 _CACHE_KEYS = ("mnt", "timeout", "proxy", "writable", "low_speed_limit", "low_speed_time")
 _AYS_KEYS = ("id", "mnt", "name", "cache.local", "cache.grid", "prefetch.cache.local", "prefetch.cache.grid", "debug",
-             "trusted_keys")
+             "import_hints", "trusted_keys")
 _DEBUG_KEYS = ("debug_filter", "redis.addr", "redis.port", "redis.passwd", "redis.db")
 _TOP_KEYS = {"main": _MAIN_KEYS, "stor": _STOR_KEYS, "cache": _CACHE_KEYS, "ays": _AYS_KEYS, "debug": _DEBUG_KEYS}
 
@@ -625,6 +626,7 @@ def _ays(t: _Table) -> AysConfig | None:
         cache_local=t.boolean("cache.local", True), cache_grid=t.boolean("cache.grid", True),
         prefetch_local=t.boolean("prefetch.cache.local", False),
         prefetch_grid=t.boolean("prefetch.cache.grid", False), debug=t.boolean("debug", False),
+        import_hints=t.boolean("import_hints", True),
         trusted_keys=_trusted_keys(t),
     )
     return a if ident and mnt else None

@@ -103,6 +103,7 @@ cache.grid = false
 prefetch.cache.local = true
 prefetch.cache.grid = true
 debug = true
+import_hints = false
 
 [[ays]]
 id = "jumpscale|mysql!main"
@@ -155,7 +156,7 @@ def test_full_config_round_trip(tmp_path: Path) -> None:
     )
     assert cfg.ays == (
         AysConfig(id="jumpscale|mongodb!main", mnt="/opt/mongodb", name="jumpscale_mongodb_main",
-                  cache_local=False, cache_grid=False, prefetch_local=True, prefetch_grid=True, debug=True),
+                  cache_local=False, cache_grid=False, prefetch_local=True, prefetch_grid=True, debug=True, import_hints=False),
         AysConfig(id="jumpscale|mysql!main", mnt="/opt/mysql", name="mysql"),
     )
     assert cfg.debug == DebugConfig(debug_filter=(r".*\.py", r".*\.hrd"), redis_addr="10.0.0.1",
@@ -177,7 +178,7 @@ def test_defaults() -> None:
     assert not cfg.debug.matches("a.py")
     a = parse('[[ays]]\nid = "x"\nmnt = "/x"\n[[stor]]\nurl = "https://s"\n[[cache]]\nmnt = "/c"\n')
     assert a.ays == (AysConfig(id="x", mnt="/x", name="x", cache_local=True, cache_grid=True,
-                               prefetch_local=False, prefetch_grid=False, debug=False),)
+                               prefetch_local=False, prefetch_grid=False, debug=False, import_hints=True),)
     assert a.stors == (StorConfig("https://s", 0, 10.0, None, None, None, False),)
     assert a.caches == (GridCacheConfig("/c", 10.0, None, True),)
 

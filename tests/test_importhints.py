@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aysfsd.fuse.importhints import imports
 from aysfsd.tree.objects import KIND_DIR, KIND_FILE, Entry, decode_dir
-from tests.harness import AYS, config, publish, start, status, stor_roots
+from tests.harness import AYS, config, ctl, publish, start, status, stor_roots
 from tests.servers import ForwardProxy, Nginx
 from tests.test_bulkread import blob, gets, pack_gets, wait_gets
 
@@ -75,13 +75,10 @@ def write(p: Path, text: str | bytes) -> None:
     p.write_bytes(text.encode() if isinstance(text, str) else text)
 
 
-def test_a_cold_module_read_has_its_imports_fetched_ahead_not_lazy_ones(work: Path, nginx_stor: Nginx,
-                                                                       stor_proxy: ForwardProxy) -> None:
+def make_tree(src: Path) -> bytes:
     """lib/ is a sys.path entry: main.py imports pkg_a (whose __init__ imports its .mod1 and
     pkg_b.sub), pkg_b.sub imports the extension module ext (in lib/lib-dynload, too big for a
-    pack: a blob of its own). Reading main.py alone asks for all of that, three levels down;
-    pkg_lazy (imported in a function) and pkg_never are not asked for."""
-    src = work / "src"
+    pack: a blob of its own; returned); pkg_lazy is imported in a function, pkg_never never."""
     write(src / "lib/main.py", "import sys\nimport pkg_a\n\ndef later():\n    import pkg_lazy\n")
     write(src / "lib/other.py", "x = 1\n")
     write(src / "lib/pkg_a/__init__.py", "from . import mod1, empty\nfrom pkg_b.sub import thing\n")
@@ -96,6 +93,17 @@ def test_a_cold_module_read_has_its_imports_fetched_ahead_not_lazy_ones(work: Pa
     write(src / "lib/pkg_never/__init__.py", "NEVER = 1\n")
     for d in ("pkg_lazy", "pkg_never"):
         write(src / "lib" / d / "mod.py", "M = 1\n")  # (a directory of one file gets no pack)
+    return ext
+
+
+def test_a_cold_module_read_has_its_imports_fetched_ahead_not_lazy_ones(work: Path, nginx_stor: Nginx,
+                                                                       stor_proxy: ForwardProxy) -> None:
+    """lib/ is a sys.path entry: main.py imports pkg_a (whose __init__ imports its .mod1 and
+    pkg_b.sub), pkg_b.sub imports the extension module ext (in lib/lib-dynload, too big for a
+    pack: a blob of its own). Reading main.py alone asks for all of that, three levels down;
+    pkg_lazy (imported in a function) and pkg_never are not asked for."""
+    src = work / "src"
+    ext = make_tree(src)
     publish(src, nginx_stor.url)
     packs = lib_packs(nginx_stor.root)
     ext_blob = hashlib.sha256(ext).hexdigest()
@@ -123,3 +131,29 @@ def test_a_cold_module_read_has_its_imports_fetched_ahead_not_lazy_ones(work: Pa
             assert (mnt / rel).read_bytes() == (src / rel).read_bytes()  # from the cache: no request
         assert pack_gets(stor_proxy, everything) == read
         assert status(work, "d")["mounts"][0]["bytes_by_tier"]["stor"] == before
+
+
+def test_import_hints_false_asks_for_nothing_ahead_and_a_reload_turns_them_on(
+        work: Path, nginx_stor: Nginx, stor_proxy: ForwardProxy) -> None:
+    """With `import_hints = false` a cold read of main.py asks for its own pack only; after a
+    reload with hints on (no remount), a cold module read has its imports fetched ahead again."""
+    src = work / "src"
+    ext = make_tree(src)
+    publish(src, nginx_stor.url)
+    packs = lib_packs(nginx_stor.root)
+    ext_blob = hashlib.sha256(ext).hexdigest()
+    everything = {*packs.values(), ext_blob, hashlib.sha256(ext[::-1]).hexdigest()}
+    mnt = work / "mnt"
+    stors: list[dict[str, object]] = [{"url": nginx_stor.url, "proxy": stor_proxy.url}]
+    text = config(work / "d", stors, [{"id": AYS, "mnt": str(mnt), "import_hints": False}])
+    with start(work, "d", text, [mnt]):
+        assert (mnt / "lib/main.py").read_bytes() == (src / "lib/main.py").read_bytes()
+        time.sleep(1.0)  # hints would have asked by now (the test above waits for less)
+        assert pack_gets(stor_proxy, everything) == {packs["."]}
+        assert status(work, "d")["mounts"][0]["import_hints"] in (None, {"modules": 0, "bytes": 0})
+        (work / "d.toml").write_text(config(work / "d", stors, [{"id": AYS, "mnt": str(mnt)}]))
+        assert ctl(work / "d" / "aysfsd.sock", {"cmd": "reload"})[-1] == {"ok": True}
+        assert (mnt / "lib/pkg_b/sub.py").read_bytes() == (src / "lib/pkg_b/sub.py").read_bytes()
+        assert ext_blob in wait_gets(stor_proxy, {ext_blob})  # sub.py imports ext: asked ahead
+        assert pack_gets(stor_proxy, everything) == {packs["."], packs["pkg_b"], ext_blob}
+        assert status(work, "d")["mounts"][0]["import_hints"]["modules"] == 1

@@ -213,7 +213,7 @@ class Mounts:
                     a.debug and debug_changed):
                 await self.stop(name)
             elif a != mp.cfg:
-                mp.cfg = a  # cache flags only: no remount needed
+                mp.cfg = a  # cache, prefetch and import_hints flags only: no remount needed
         async with trio.open_nursery() as n:  # at once: a reload waits one ref check's bound, not one per mount
             for name, a in wanted.items():
                 if name not in self.ops.inodes.mounts:

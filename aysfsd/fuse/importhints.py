@@ -15,7 +15,8 @@ Hints can cost bandwidth, never correctness: what they fetch is verified like ev
 readers take it from the cache. They are bounded per mount (HINT_FILES files, HINT_BYTES
 bytes), stop when reads stop missing, and give way to a startup profile (which knows better)
 and to a bulk reader's pass (tar reads every module; aysfsd.fuse.bulkread has it covered).
-A compiled-only tree (`__pycache__` without sources) gives no hints.
+A compiled-only tree (`__pycache__` without sources) gives no hints; a mount configured with
+`import_hints = false` asks for none (a metered link, a tree that is not Python).
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class ImportHints:
         mp = node.mount
         e = node.entry
         if (not e.name.endswith(".py") or not 0 < e.size <= PARSE_MAX or node.dbg is not None
+                or not mp.cfg.import_hints
                 or self.fetcher.nursery is None or _profiled(mp)):
             return
         st = self._of(mp)
