@@ -480,11 +480,23 @@ def _and(*parts: tuple[bool | None, str]) -> tuple[bool | None, str]:
     return ok, "; ".join(p[1] for p in parts)
 
 
-def bars(res: RResults) -> list[Bar]:
+def busy_ceiling(t: Traffic, loopback_tar: float | None) -> str:
+    """How busy the link could be at most if it cost nothing: the tar's bytes over the time of the
+    same cold tar with the stor on loopback (no link at all), from the same run."""
+    if not loopback_tar:
+        return ""
+    most = t.bytes_down / (loopback_tar * RATE_MBIT * 1e6 / 8)
+    return (f" (with no link at all the same cold tar takes {loopback_tar:.3f} s on loopback: "
+            f"at most {most * 100:.0f}% busy)")
+
+
+def bars(res: RResults, loopback_tar: float | None = None) -> list[Bar]:
+    """The issue 13 bars; `loopback_tar` = aysfs's cold tar on loopback in the same run, if measured."""
     tar = res.get("tar", {}).get("aysfs")
     t = tar.median_traffic() if tar else None
     busy: tuple[bool | None, str] = (None, "link use not measured") if t is None else (
-        t.busy >= 0.6, f"link busy {t.busy * 100:.0f}% of {RATE_MBIT:g} Mbit/s (need >= 60%)")
+        t.busy >= 0.6, f"link busy {t.busy * 100:.0f}% of {RATE_MBIT:g} Mbit/s (need >= 60%)"
+        + ("" if t.busy >= 0.6 else busy_ceiling(t, loopback_tar)))
     seq = res.get("seq", {}).get("aysfs")
     mbs = seq.value * MiB / 1e6 if seq and seq.value else None
     seq_wrong = bool(seq and seq.wrong)

@@ -777,7 +777,9 @@ CODE0 = code_state()
 def write_report(results: Results, data: Data, rres: remote.RResults | None = None,
                  link_notes: list[str] | None = None) -> None:
     bars = report.bars(results)
-    rbars = remote.bars(rres) if rres is not None else []
+    tar_cold = results.get("tar_cold", {}).get("aysfs")
+    loopback_tar = tar_cold.value if tar_cold is not None and not tar_cold.wrong else None
+    rbars = remote.bars(rres, loopback_tar) if rres is not None else []
     head = (f"aysfs benchmark ({'BENCH_QUICK: ' if QUICK else ''}{len(data.files)} files, "
             f"{data.total_bytes / MiB:.0f} MiB incl. a {BIG_SIZE // MiB} MiB random file; "
             f"cold rows: median of {COLD_RUNS} fresh mounts, other rows: median of {RUNS} runs; "
