@@ -209,6 +209,9 @@ def fuse_line(daemon: Reply) -> Text | None:
             else "with aysfs's patch, ignored" if info.get("patch_ignored") is True else "without aysfs's patch")
     text.append(f" pyfuse3 {_str(info.get('version'))} {what} ({_str(info.get('path'))}), ")
     text.append(_str(daemon.get("fuse_mode")), style="green" if daemon.get("no_open") is True else "yellow")
+    spin = info.get("spin_us")
+    if isinstance(spin, int) and spin > 0:
+        text.append(f"; the request loop spins up to {spin} us for the next request")
     fallback = info.get("fallback")
     if isinstance(fallback, str) and fallback:
         text.append(f"\n{fallback}", style="yellow")

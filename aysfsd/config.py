@@ -26,6 +26,8 @@ GiB = 1024**3
 LOW_SPEED_LIMIT = 1024  # bytes/s: the default of low_speed_limit (like CVMFS_LOW_SPEED_LIMIT)
 LOW_SPEED_TIME = 10.0  # seconds: the default of low_speed_time
 LOG_LEVELS = ("debug", "info", "warning", "error")
+FUSE_SPIN_US = 200  # microseconds: the default of fuse_spin_us (see packaging/pyfuse3/README.md)
+FUSE_SPIN_MAX = 1000
 
 
 class ConfigError(Exception):
@@ -136,6 +138,7 @@ class MainConfig:
     trusted_keys: tuple[str, ...] = ()  # refs must be signed by one of these (none: unsigned accepted)
     metrics_listen: str = ""  # HOST:PORT of the Prometheus /metrics endpoint ("" = off)
     profile_idle: float = 5.0  # seconds without a new need that end a recorded start (profiles)
+    fuse_spin_us: int = FUSE_SPIN_US  # the request loop reads again this long before it sleeps (0: off)
 
 
 @dataclass(frozen=True)
@@ -461,7 +464,8 @@ class _Table:
 
 
 _MAIN_KEYS = ("id", "cache_dir", "cache_size", "cache_min_free", "control_socket", "fuse_root", "fetch_timeout",
-              "low_speed_limit", "low_speed_time", "log_level", "trusted_keys", "metrics_listen", "profile_idle")
+              "low_speed_limit", "low_speed_time", "log_level", "trusted_keys", "metrics_listen", "profile_idle",
+              "fuse_spin_us")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -530,6 +534,7 @@ def _main(t: _Table) -> MainConfig:
         low_speed_limit=t.integer("low_speed_limit", d.low_speed_limit, 0),
         low_speed_time=t.seconds("low_speed_time", d.low_speed_time), log_level=level.lower(),
         profile_idle=t.seconds("profile_idle", d.profile_idle),
+        fuse_spin_us=t.integer("fuse_spin_us", d.fuse_spin_us, 0, FUSE_SPIN_MAX),
         trusted_keys=_trusted_keys(t) or (), metrics_listen=listen,
     )
 

@@ -340,6 +340,7 @@ control_socket = "{self.work}/aysfsd.sock"
 fuse_root = "{self.work}/fuse"
 fetch_timeout = 60
 log_level = "{self.log_level}"
+{os.environ.get("BENCH_MAIN_CONFIG", "")}
 
 [[stor]]
 url = "{self.stor_url}"

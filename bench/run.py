@@ -19,6 +19,7 @@ squashfs image of the same tree. Every figure is measured in this run, on this d
     BENCH_SKIP_50K=1        skip the 50,000-file directory listing (native, aysfs, squashfuse)
     BENCH_AYSFSD="CMD"      run this instead of .venv/bin/aysfsd (A/B a patched daemon)
     BENCH_AYS_CONFIG="K=V"  lines added to aysfs's [[ays]] table (A/B a setting, e.g. "cache.local = false")
+    BENCH_MAIN_CONFIG="K=V" lines added to aysfs's [main] table (A/B a setting, e.g. "fuse_spin_us = 0")
     BENCH_FUSE_TRACE=1      count the FUSE requests of every row of aysfs and squashfuse (kernel
                             tracepoints) into bench/results/fuse-requests.md
     BENCH_REMOTE=0          skip the remote rows (the stors behind bench/slowlink.py, see bench/remote.py)

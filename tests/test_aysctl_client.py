@@ -176,7 +176,7 @@ def test_status_rich_rendering() -> None:
 
 def test_status_shows_pyfuse3_and_the_session_mode(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
     fast = {"version": "3.5.0", "path": "/usr/lib/aysfs/python/pyfuse3", "patched": True,
-            "patch_ignored": False, "fallback": ""}
+            "patch_ignored": False, "fallback": "", "spin_us": 200}
     slow = {"version": "3.2.1", "path": "/usr/lib/python3/dist-packages", "patched": False, "patch_ignored": False,
             "fallback": "no pyfuse3 in /usr/lib/aysfs/python (the package was built without aysfs's patched pyfuse3)"}
     for info, no_open, mode, plain in (
@@ -191,6 +191,7 @@ def test_status_shows_pyfuse3_and_the_session_mode(daemon: FakeDaemon, capsys: p
         what = "with aysfs's patch" if info["patched"] else "without aysfs's patch"
         assert f"fuse pyfuse3 {info['version']} {what} ({info['path']}), {mode}" in text, text
         assert ("the package was built without" in text) == bool(info["fallback"])
+        assert ("the request loop spins up to 200 us for the next request" in text) == ("spin_us" in info)
         daemon.replies["status"] = [st]
         assert run(daemon, "status") == 0
         assert plain in capsys.readouterr().out.splitlines()

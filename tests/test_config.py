@@ -73,6 +73,7 @@ control_socket = "/run/a/ctl.sock"
 fuse_root = "/run/a/root"
 fetch_timeout = 12.5
 log_level = "debug"
+fuse_spin_us = 50
 
 [[stor]]
 url = "ssh://stor2.aydo.com:2222/mnt/1"
@@ -142,7 +143,7 @@ def test_full_config_round_trip(tmp_path: Path) -> None:
     assert cfg.path == str(f)
     assert cfg.main == MainConfig(
         id="node-7", cache_dir="/srv/aysfs/cache", cache_size=512 * 1024**2, control_socket="/run/a/ctl.sock",
-        fuse_root="/run/a/root", fetch_timeout=12.5, log_level="debug",
+        fuse_root="/run/a/root", fetch_timeout=12.5, log_level="debug", fuse_spin_us=50,
     )
     assert cfg.stors == (
         StorConfig(url="ssh://stor2.aydo.com:2222/mnt/1", expiration=3600, timeout=5.0,
@@ -174,6 +175,7 @@ def test_defaults() -> None:
     assert cfg.main.fuse_root == "/run/aysfs/root"
     assert cfg.main.fetch_timeout == 30.0
     assert cfg.main.log_level == "info"
+    assert cfg.main.fuse_spin_us == 200
     assert cfg.debug == DebugConfig((), "127.0.0.1", 6379, "", 0)
     assert not cfg.debug.matches("a.py")
     a = parse('[[ays]]\nid = "x"\nmnt = "/x"\n[[stor]]\nurl = "https://s"\n[[cache]]\nmnt = "/c"\n')
@@ -264,6 +266,15 @@ def test_low_speed_limit_main_per_source_and_errors(tmp_path: Path) -> None:
     assert "aysfs.toml:3: [main] low_speed_time: must be a positive number of seconds, got 0" in msg
     assert "aysfs.toml:6: [[stor]] low_speed_limit: expected a whole number" in msg
     assert "aysfs.toml:9: [[cache]] low_speed_time: expected a number of seconds" in msg
+
+
+def test_fuse_spin_us(tmp_path: Path) -> None:
+    assert parse("[main]\nfuse_spin_us = 0\n").main.fuse_spin_us == 0
+    assert parse("[main]\nfuse_spin_us = 1000\n").main.fuse_spin_us == 1000
+    msg = errors('[main]\nfuse_spin_us = 1001\n', tmp_path)
+    assert "aysfs.toml:2: [main] fuse_spin_us: must be between 0 and 1000, got 1001" in msg
+    msg = errors('[main]\nfuse_spin_us = "200us"\n', tmp_path)
+    assert "aysfs.toml:2: [main] fuse_spin_us: expected a whole number" in msg
 
 
 def test_missing_id_and_mnt(tmp_path: Path) -> None:

@@ -169,3 +169,64 @@ def test_resume_leaves_the_device_blocking_for_a_stock_loop(loop: bool, monkeypa
     finally:
         os.close(fd)
         os.close(dev)
+
+
+LOOKUPS = r"""
+import os, sys, time
+root, prefix, n, gap = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+for i in range(n):  # a name never looked up before: one LOOKUP each, answered from memory
+    try:
+        os.stat(os.path.join(root, f"{prefix}{i}"))
+    except FileNotFoundError:
+        pass
+    if gap:
+        time.sleep(gap)
+"""
+
+
+def lookups(mnt: Path, prefix: str, n: int, gap: float) -> None:
+    subprocess.run([sys.executable, "-c", LOOKUPS, str(mnt), prefix, str(n), str(gap)], check=True, timeout=120)
+
+
+@pytest.mark.skipif(fuselib.spin() is None, reason="pyfuse3 without loop.patch's spin")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spin stays off with one CPU")
+def test_the_loop_spins_for_close_requests_not_for_sparse_ones_and_a_reload_turns_it_off(work: Path) -> None:
+    """With fuse_spin_us set, a reader sending requests back to back has them caught by the
+    spin (counted by the patched pyfuse3); a reader sending one every 5 ms costs at most a
+    fruitless spin or two (the spin is adaptive), not one per request; after a reload with
+    fuse_spin_us = 0 no spin runs at all."""
+    src = work / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"spin\n")
+    stor = work / "stor"
+    aysctl("publish", str(src), "--ays", AYS, "--stor", str(stor))
+    cfg = work / "d.toml"
+    text = basic_config(work / "d", [str(stor)], {AYS: str(work / "mnt")}, extra_main="fuse_spin_us = 1000")
+    cfg.write_text(text)
+    d = Daemon(cfg, work / "d.log").start(wait_mounts=[work / "mnt"])
+    sock = work / "d" / "aysfsd.sock"
+
+    def spins() -> tuple[int, int]:
+        info = ctl(sock, {"cmd": "status"})[-1]["daemon"]["pyfuse3"]
+        return info["spins"]["caught"], info["spins"]["missed"]
+
+    try:
+        assert (work / "mnt" / "f").read_bytes() == b"spin\n"
+        assert ctl(sock, {"cmd": "status"})[-1]["daemon"]["pyfuse3"]["spin_us"] == 1000
+        c0, m0 = spins()
+        lookups(work / "mnt", "close", 1000, 0)
+        c1, m1 = spins()
+        assert c1 - c0 >= 500, (c0, m0, c1, m1)  # most of the 1,000 LOOKUPs were caught spinning
+        lookups(work / "mnt", "sparse", 100, 0.005)
+        c2, m2 = spins()
+        assert m2 - m1 <= 5, (c1, m1, c2, m2)  # not one fruitless spin per request
+        assert c2 - c1 <= 5, (c1, m1, c2, m2)
+
+        cfg.write_text(text.replace("fuse_spin_us = 1000", "fuse_spin_us = 0"))
+        assert ctl(sock, {"cmd": "reload"})[-1] == {"ok": True}
+        assert ctl(sock, {"cmd": "status"})[-1]["daemon"]["pyfuse3"]["spin_us"] == 0
+        lookups(work / "mnt", "off", 1000, 0)
+        assert spins() == (c2, m2)
+        assert "Traceback" not in d.log()
+    finally:
+        d.stop()

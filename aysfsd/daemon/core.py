@@ -128,6 +128,7 @@ class Daemon:
         self.fetcher.timeout = new.main.fetch_timeout
         await self.metrics.configure(new.main.metrics_listen)
         self.cache.room.min_free = new.main.cache_min_free.bytes_of
+        fuselib.set_spin(new.main.fuse_spin_us)
         old_cfg, self.cfg = self.cfg, new
         await self.mounts.apply(new, old_cfg)
 
@@ -255,12 +256,15 @@ class Daemon:
         if self.mounts.session_ro:
             options.add("ro")
         self.session.start(options, self.cfg.ays)
+        spin = fuselib.set_spin(self.cfg.main.fuse_spin_us)
         if interrupts.available():
             intr = "requests of killed callers given up (EINTR)"
         else:
             intr = "pyfuse3 without aysfs's interrupt patch: a killed caller's request runs to its end"
         loop = ("aysfs's (a request answered at once costs no task switch)" if fuselib.fast_loop()
                 else "pyfuse3's (a lock hand-off and a wait per request)")
+        if spin:
+            loop += f", spinning up to {spin} us for the next request"
         log.info("FUSE session at %s, %s; %s; interrupts: %s; request loop: %s", self.fuse_root,
                  fuselib.summary(fuselib.describe()), self.session.mode(), intr, loop)
         try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib.machinery
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 IGNORE_PATCH_ENV = "AYSFS_IGNORE_PYFUSE3_PATCH"
 _fallback = ""  # why the private copy is not the one in use ("" when it is, or none was asked for)
@@ -65,13 +67,44 @@ def fast_loop() -> bool:
     return getattr(pyfuse3, "AYSFS_LOOP", 0) >= 1
 
 
+def _spin_api(name: str) -> Callable[..., Any] | None:
+    """loop.patch's spin function `name` (`aysfs_fuse_spin...`; AYSFS_LOOP 2), None without it."""
+    import pyfuse3
+
+    return getattr(pyfuse3, name, None) if getattr(pyfuse3, "AYSFS_LOOP", 0) >= 2 else None
+
+
+def set_spin(us: int) -> int | None:
+    """Let the request loop spin up to `us` microseconds for the next request before it sleeps
+    (see packaging/pyfuse3/README.md); the spin in effect, None when this pyfuse3 cannot. With
+    one CPU to run on it stays off: the reader could not send a request while the loop spins."""
+    fn = _spin_api("aysfs_fuse_spin")
+    return None if fn is None else int(fn(us if len(os.sched_getaffinity(0)) > 1 else 0))
+
+
+def spin() -> int | None:
+    """The request loop's spin in microseconds (None: this pyfuse3 has none)."""
+    fn = _spin_api("aysfs_fuse_spin")
+    return None if fn is None else int(fn())
+
+
+def spin_stats() -> dict[str, int] | None:
+    """How many of the loop's spins caught a request and how many ended without one."""
+    fn = _spin_api("aysfs_fuse_spin_stats")
+    if fn is None:
+        return None
+    caught, missed = fn()
+    return {"caught": int(caught), "missed": int(missed)}
+
+
 def describe() -> dict[str, object]:
     """The pyfuse3 in use, for the log and `aysctl status` (daemon.pyfuse3)."""
     import pyfuse3
 
     path = getattr(pyfuse3, "__file__", None) or ""
     return {"version": getattr(pyfuse3, "__version__", "?"), "path": os.path.dirname(path),
-            "patched": patched(), "loop": fast_loop(), "patch_ignored": has_patch() and not patched(), "fallback": _fallback}
+            "patched": patched(), "loop": fast_loop(), "spin_us": spin(), "spins": spin_stats(),
+            "patch_ignored": has_patch() and not patched(), "fallback": _fallback}
 
 
 def summary(info: dict[str, object]) -> str:
